@@ -1,0 +1,95 @@
+"""Checkpoints: written atomically, read strictly.
+
+A checkpoint holds the network's Parameters, optionally the training state (optimizer, loss scale), and a few
+metadata entries that say what network it is and where training stood. Loading never half-loads: every name
+the network needs must be there with the right shape, or the load fails naming what is wrong.
+"""
+import os
+
+import mindspore as ms
+
+
+META_KEYS = ("network_kind", "num_classes", "width_mult", "epoch_num", "step_num")
+FLOAT, QUANT = "float", "quant"
+# Names the training cell adds beside the network's own Parameters (optimizer and loss-scale state).
+TRAIN_STATE_PREFIXES = ("moments.", "learning_rate", "global_step", "momentum", "scale_sense", "loss_scaling_manager.")
+CLASSIFIER_PREFIX = "classifier."
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def network_kind(network):
+    return QUANT if getattr(network, "quantized", False) else FLOAT
+
+
+def save(cell, path, network, epoch_num, step_num):
+    """Save `cell` (a network or the whole training cell) to `path` via a temporary file, so a run killed
+    mid-write never leaves a truncated checkpoint under the final name."""
+    meta = {"network_kind": network_kind(network), "num_classes": network.num_classes,
+            "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
+    tmp = path[:-len(".ckpt")] + ".tmp.ckpt" if path.endswith(".ckpt") else path + ".tmp.ckpt"
+    ms.save_checkpoint(cell, tmp, append_dict=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read(path):
+    """(parameters, metadata) of a checkpoint file, with a clear error for a missing or unreadable one."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        entries = ms.load_checkpoint(path)
+    except (ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    meta = {}
+    for key in META_KEYS:
+        if key in entries:
+            value = entries.pop(key)
+            meta[key] = value if isinstance(value, str) else value.asnumpy().item()
+    if "network_kind" not in meta:
+        # A checkpoint from elsewhere: the observers' state tells a quantized network from a float one.
+        meta["network_kind"] = QUANT if any(".observer." in name for name in entries) else FLOAT
+    return entries, meta
+
+
+def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train_state=None):
+    """Load checkpoint `path` into `network` (and `train_state`, a training cell, if given) by name.
+
+    allow_missing: names of `network` the checkpoint may lack (they keep their initial values), e.g. the
+    quantizers' state when a float checkpoint starts QAT. reinit_classifier: a classifier of another shape
+    (another number of classes) is left initialised instead of failing. Returns the checkpoint's metadata.
+    """
+    entries, meta = read(path)
+    target = (train_state or network).parameters_dict()
+    own = network.parameters_dict()
+    missing = [name for name in own if name not in entries and name not in allow_missing]
+    unexpected = [name for name in entries if name not in target and not name.startswith(TRAIN_STATE_PREFIXES)]
+    wrong_shape = [f"{name} {tuple(entries[name].shape)} vs {tuple(target[name].shape)}"
+                   for name in entries if name in target and tuple(entries[name].shape) != tuple(target[name].shape)]
+    if reinit_classifier:
+        kept = [s for s in wrong_shape if not s.startswith(CLASSIFIER_PREFIX)]
+        if len(kept) < len(wrong_shape):
+            print(f"re-initialising the classifier: checkpoint shape differs ({', '.join(set(wrong_shape) - set(kept))})")
+            entries = {k: v for k, v in entries.items() if not k.startswith(CLASSIFIER_PREFIX)}
+            missing = [m for m in missing if not m.startswith(CLASSIFIER_PREFIX)]
+            wrong_shape = kept
+    if train_state is not None:
+        missing += [name for name in target if name not in own and name not in entries]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if names:
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            problems.append(f"{label} ({len(names)}): {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not fit the {network_kind(network)} network "
+                              f"(checkpoint holds a {meta['network_kind']} network):\n  " + "\n  ".join(problems))
+    loadable = {name: value for name, value in entries.items() if name in target}
+    not_loaded, _ = ms.load_param_into_net(train_state or network, loadable, strict_load=True)
+    if not_loaded and any(name in loadable for name in not_loaded):
+        raise CheckpointError(f"checkpoint {path}: parameters not loaded: {not_loaded}")
+    return meta
+
+

@@ -1,0 +1,123 @@
+"""Configurations, one per device target, with the original suite's keys plus the quantization schedule.
+
+Every key can be overridden on the command line as `--key value`; `parse_args` rejects unknown keys and values
+of the wrong type, naming them, and prints the effective configuration.
+"""
+import argparse
+
+from easydict import EasyDict as ed
+
+_COMMON = dict(
+    num_classes=1000,
+    width_mult=1.0,
+    image_height=224,
+    image_width=224,
+    batch_size=32,
+    epoch_size=60,            # epochs of this run
+    start_epoch=200,          # epochs of the longer lr schedule already done (the float training): QAT takes its tail
+    warmup_epochs=0,
+    lr=0.3,                   # peak lr of the whole (start_epoch + epoch_size) schedule, not of this run
+    lr_end=0.0,
+    momentum=0.9,
+    weight_decay=4e-5,        # on conv and dense weights, not on BN parameters and biases
+    loss_scale=1024.0,
+    loss_scale_type="fixed",  # "fixed" or "dynamic"
+    label_smooth=0.1,
+    save_checkpoint=True,
+    save_checkpoint_epochs=1,
+    keep_checkpoint_max=300,
+    save_checkpoint_path="./checkpoint",
+    # Quantization (QAT mode only). Steps are counted in epochs of this run.
+    weight_bits=8,
+    act_bits=8,
+    ema_decay=0.999,
+    quant_delay_epochs=0,     # observers watch, nothing is rounded
+    freeze_bn_epochs=50,      # from here BN uses its running statistics: training sees the folded inference model
+    freeze_observer_epochs=55,
+    # Data
+    crop_min_scale=0.08,      # RandomResizedCrop scale range (crop_min_scale, 1.0)
+    eval_resize_ratio=0.875,  # eval resizes the short side to image_size / ratio (224 / 0.875 = 256), then centre-crops
+    num_parallel_workers=8,
+    skip_bad_images=False,
+    seed=1,
+    log_interval=1,           # steps between per-step log lines
+)
+
+config_ascend = ed(dict(_COMMON, batch_size=192))
+config_gpu = ed(dict(_COMMON, batch_size=134))
+config_cpu = ed(dict(_COMMON, batch_size=32, num_parallel_workers=2))
+
+CONFIGS = {"Ascend": config_ascend, "GPU": config_gpu, "CPU": config_cpu}
+
+
+def _bool(text):
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes"):
+        return True
+    if lowered in ("0", "false", "no"):
+        return False
+    raise ValueError(text)
+
+
+_bool.__name__ = "bool"  # argparse names the type in its error: "invalid bool value"
+
+
+def _typed(default):
+    if isinstance(default, bool):
+        return _bool
+    if isinstance(default, float):
+        return float
+    return type(default)
+
+
+def parse_args(description, add_script_args, argv=None):
+    """Parse a script's own arguments plus `--key value` overrides of the config for `--device_target`.
+
+    Returns (args, config). Unknown options and badly typed values stop the script with a message naming them.
+    """
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--device_target", default="CPU", choices=sorted(CONFIGS))
+    known, _ = first.parse_known_args(argv)
+    defaults = CONFIGS[known.device_target]
+
+    parser = argparse.ArgumentParser(description=description, parents=[first], allow_abbrev=False)
+    add_script_args(parser)
+    overrides = parser.add_argument_group("config overrides (defaults for the chosen --device_target)")
+    for key, default in defaults.items():
+        overrides.add_argument(f"--{key}", type=_typed(default), default=default, metavar=type(default).__name__.upper())
+    args = parser.parse_args(argv)
+    config = ed({key: getattr(args, key) for key in defaults})
+    for key in defaults:
+        delattr(args, key)
+    error = validate(config)
+    if error:
+        parser.error(error)
+    return args, config
+
+
+def validate(config):
+    """The first problem with the config's values, or None."""
+    if config.loss_scale_type not in ("fixed", "dynamic"):
+        return f"--loss_scale_type must be 'fixed' or 'dynamic', got {config.loss_scale_type!r}"
+    for key in ("weight_bits", "act_bits"):
+        if not 2 <= config[key] <= 8:
+            return f"--{key} must be between 2 and 8, got {config[key]}"
+    for key in ("num_classes", "batch_size", "image_height", "image_width", "save_checkpoint_epochs",
+                "keep_checkpoint_max", "log_interval", "num_parallel_workers"):
+        if config[key] < 1:
+            return f"--{key} must be at least 1, got {config[key]}"
+    for key in ("epoch_size", "start_epoch", "warmup_epochs", "quant_delay_epochs", "freeze_bn_epochs",
+                "freeze_observer_epochs"):
+        if config[key] < 0:
+            return f"--{key} must not be negative, got {config[key]}"
+    if not 0.0 < config.crop_min_scale <= 1.0:
+        return f"--crop_min_scale must be in (0, 1], got {config.crop_min_scale}"
+    if not 0.0 <= config.ema_decay < 1.0:
+        return f"--ema_decay must be in [0, 1), got {config.ema_decay}"
+    return None
+
+
+def print_config(config):
+    print("effective config:")
+    for key, value in config.items():
+        print(f"  {key}: {value}")

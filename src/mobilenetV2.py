@@ -1,0 +1,86 @@
+"""MobileNetV2 (Sandler et al. 2018), described once and built float or quantization-aware from that one
+description: the layer kinds come from `FloatLayers` or `QuantLayers`, the architecture does not change."""
+from mindspore import nn, ops
+
+from src.layers import FloatLayers, make_divisible
+from src.quant.layers import QuantLayers
+from src.quant.quantizer import QuantConfig
+
+# (expansion t, output channels c, repeats n, first stride s) of each stage of inverted residual blocks.
+INVERTED_RESIDUAL_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32
+LAST_CHANNELS = 1280
+
+
+class InvertedResidual(nn.Cell):
+    """1x1 expansion, 3x3 depthwise, 1x1 linear projection; a residual add where shapes allow."""
+
+    def __init__(self, layers, in_channels, out_channels, stride, expand_ratio):
+        super().__init__()
+        hidden = int(round(in_channels * expand_ratio))
+        blocks = []
+        if expand_ratio != 1:
+            blocks.append(layers.conv_bn_act(in_channels, hidden, kernel_size=1))
+        blocks += [
+            layers.conv_bn_act(hidden, hidden, kernel_size=3, stride=stride, groups=hidden),
+            layers.conv_bn_act(hidden, out_channels, kernel_size=1, activation=False),
+        ]
+        self.conv = nn.SequentialCell(blocks)
+        self.use_residual = stride == 1 and in_channels == out_channels
+        self.add = layers.add() if self.use_residual else None
+
+    def construct(self, x):
+        if self.use_residual:
+            return self.add(x, self.conv(x))
+        return self.conv(x)
+
+
+class MobileNetV2(nn.Cell):
+    """MobileNetV2 for any input size; `quant_config` (a QuantConfig) makes it quantization-aware."""
+
+    def __init__(self, num_classes=1000, width_mult=1.0, quant_config=None):
+        super().__init__()
+        layers = QuantLayers(quant_config) if quant_config is not None else FloatLayers()
+        self.quantized = layers.quantized
+        self.num_classes, self.width_mult = num_classes, width_mult
+        # The network input is quantized too: the integer model starts from quantized pixels.
+        self.input_quant = layers.activation_quant()
+        in_channels = make_divisible(STEM_CHANNELS * width_mult)
+        last_channels = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
+        features = [layers.conv_bn_act(3, in_channels, kernel_size=3, stride=2)]
+        for expand_ratio, channels, repeats, stride in INVERTED_RESIDUAL_SETTING:
+            out_channels = make_divisible(channels * width_mult)
+            for i in range(repeats):
+                features.append(InvertedResidual(layers, in_channels, out_channels, stride if i == 0 else 1,
+                                                 expand_ratio))
+                in_channels = out_channels
+        features.append(layers.conv_bn_act(in_channels, last_channels, kernel_size=1))
+        self.features = nn.SequentialCell(features)
+        self.pool_quant = layers.activation_quant()
+        self.classifier = layers.dense(last_channels, num_classes)
+
+    def construct(self, x):
+        x = self.features(self.input_quant(x))
+        x = self.pool_quant(ops.mean(x, (2, 3)))
+        return self.classifier(x)
+
+
+def mobilenet_v2(num_classes=1000, width_mult=1.0, quant_config=None):
+    return MobileNetV2(num_classes, width_mult, quant_config)
+
+
+def network_from_config(config, quantized, sync_group=None):
+    """The float or quantization-aware MobileNetV2 that `config` (src/config.py) describes."""
+    quant_config = None
+    if quantized:
+        quant_config = QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits,
+                                   ema_decay=config.ema_decay, sync_group=sync_group)
+    return mobilenet_v2(config.num_classes, config.width_mult, quant_config)

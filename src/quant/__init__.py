@@ -1,0 +1,1 @@
+"""The quantization mechanism: fake-quantizer, observers, quantizers, quantized layers and their schedule."""

@@ -1,0 +1,54 @@
+"""The fake-quantizer: quantize, clamp, dequantize, with a clipped straight-through gradient.
+
+It holds no range of its own: the scale and zero point come from an observer (observers.py), so rounding and
+range tracking can be tested and changed apart. Built from ordinary MindSpore ops so it runs in GRAPH mode on
+CPU, GPU and Ascend alike (the fused FakeQuantPerLayer primitives have no CPU kernel).
+"""
+from mindspore import nn, ops
+
+
+def quant_range(num_bits, signed, narrow_range=False):
+    """The integer range [qmin, qmax] of a `num_bits` quantized value.
+
+    narrow_range drops the most negative (signed) or the lowest (unsigned) code, e.g. int8 [-127, 127], which
+    makes a symmetric range exactly symmetric.
+    """
+    if not 2 <= num_bits <= 8:
+        raise ValueError(f"num_bits must be between 2 and 8, got {num_bits}")
+    if signed:
+        qmin, qmax = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2 ** num_bits - 1
+    if narrow_range:
+        qmin += 1
+    return qmin, qmax
+
+
+class FakeQuantize(nn.Cell):
+    """y = (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale where enabled, else y = x.
+
+    `scale` and `zero_point` broadcast against x (a scalar per tensor, or a per-channel shape); `enabled` is a
+    0/1 float scalar so the quantization delay can switch rounding on without recompiling the graph.
+    Rounding is half to even, as ONNX QuantizeLinear does, so training and the exported model round alike.
+
+    The gradient is straight-through inside the clamped range and zero outside it; scale and zero point get
+    none (they come from min/max observers, not from learning). A custom bprop keeps only x for backward.
+    """
+
+    def __init__(self, qmin, qmax):
+        super().__init__()
+        self.qmin = float(qmin)
+        self.qmax = float(qmax)
+
+    def construct(self, x, scale, zero_point, enabled):
+        q = ops.clip_by_value(ops.round(x / scale) + zero_point, self.qmin, self.qmax)
+        # A select, not a blend: x + 1 * (dq - x) is not exactly dq in floating point.
+        return ops.where(enabled > 0.5, (q - zero_point) * scale, x)
+
+    def bprop(self, x, scale, zero_point, enabled, out, dout):
+        # In range exactly where the forward clamp left the rounded value alone.
+        q = ops.round(x / scale) + zero_point
+        # 1 inside the range; outside it 0 when rounding is on, 1 when it is off (y = x).
+        passes = ops.logical_or(ops.logical_and(q >= self.qmin, q <= self.qmax), enabled < 0.5)
+        grad = dout * passes.astype(dout.dtype)
+        return grad, ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(enabled)

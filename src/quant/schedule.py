@@ -1,0 +1,51 @@
+"""The quantization schedule: when rounding starts, when BN statistics and observer ranges stop moving.
+
+The switches are 0/1 Parameters inside the layers (saved in checkpoints, so a resumed run continues in the
+same state); `QuantSchedule.apply` sets them from the global step, on the host, between training steps.
+"""
+from dataclasses import dataclass
+
+import mindspore as ms
+from mindspore import Tensor
+
+from src.quant.layers import QuantConvBNAct
+from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver
+from src.quant.quantizer import Quantizer
+
+NEVER = 2 ** 62
+
+
+def _switches(network, kind, flag):
+    return [getattr(cell, flag) for _, cell in network.cells_and_names() if isinstance(cell, kind)]
+
+
+def set_switch(params, on):
+    for param in params:
+        param.set_data(Tensor(1.0 if on else 0.0, ms.float32))
+
+
+@dataclass
+class QuantSchedule:
+    """Steps from which each switch flips; `NEVER` leaves it as it is at the start of training."""
+    quant_delay: int = 0          # before this step observers watch but nothing is rounded
+    freeze_bn: int = NEVER        # from this step BN uses (and keeps) its running statistics
+    freeze_observer: int = NEVER  # from this step quantization ranges stay fixed
+
+    def state(self, step):
+        return (step >= self.quant_delay, step >= self.freeze_bn, step < self.freeze_observer)
+
+    def __post_init__(self):
+        self._applied = None  # the state last written; the first apply writes every switch
+
+    def apply(self, network, step):
+        """Set every switch of `network` (the one network this schedule drives) for `step`."""
+        state = self.state(step)
+        if self._applied == state:
+            return state
+        quantize, bn_frozen, observing = state
+        set_switch(_switches(network, Quantizer, "quant_enabled"), quantize)
+        set_switch(_switches(network, QuantConvBNAct, "bn_frozen"), bn_frozen)
+        set_switch(_switches(network, (MovingAverageMinMaxObserver, PerChannelAbsMaxObserver), "enabled"),
+                   observing)
+        self._applied = state
+        return state

@@ -1,0 +1,154 @@
+"""The training loop, shared by float training and QAT: one place where steps, schedule, logging,
+checkpoints and resume happen."""
+import glob
+import math
+import os
+import re
+
+import mindspore as ms
+from mindspore import nn, ops, Tensor
+
+from src import checkpoint
+from src.dataset import create_dataset, Epoch
+from src.lr_generator import get_lr
+from src.mobilenetV2 import network_from_config
+from src.quant.layers import quant_state_names
+from src.quant.schedule import QuantSchedule
+from src.utils import CrossEntropySmooth, Monitor
+
+NO_DECAY_SUFFIXES = ("gamma", "beta", "bias")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def make_optimizer(network, lr, config):
+    """Momentum with weight decay on conv and dense weights only (not on BN parameters and biases)."""
+    params = network.trainable_params()
+    decay = [p for p in params if not p.name.endswith(NO_DECAY_SUFFIXES)]
+    no_decay = [p for p in params if p.name.endswith(NO_DECAY_SUFFIXES)]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return nn.Momentum(groups, learning_rate=Tensor(lr), momentum=config.momentum)
+
+
+class TrainOneStepWithLossScale(nn.TrainOneStepWithLossScaleCell):
+    """MindSpore's loss-scaled training step with an overflow check that works on every target: the stock one
+    uses float-status primitives (Ascend registers, FloatStatus) that have no CPU kernel."""
+
+    def get_overflow_status(self, status, compute_output):
+        overflow = ops.logical_not(ms.amp.all_finite(compute_output)).astype(ms.float32)
+        if self.is_distributed:
+            overflow = self.allreduce(overflow)  # one rank's overflow skips the step on all of them
+        return overflow > 0
+
+
+def make_train_cell(network, optimizer, config):
+    """Forward, loss, scaled backward and update in one graph. The loss scale multiplies the loss before
+    backward and divides the gradients after it, so small FP16 gradients do not underflow; a step whose
+    gradients overflow is skipped. "dynamic" halves the scale on overflow and doubles it after 1000 clean steps."""
+    loss_net = nn.WithLossCell(network, CrossEntropySmooth(config.num_classes, config.label_smooth))
+    if config.loss_scale_type == "dynamic":
+        scale = nn.DynamicLossScaleUpdateCell(loss_scale_value=config.loss_scale, scale_factor=2, scale_window=1000)
+    else:
+        scale = nn.FixedLossScaleUpdateCell(loss_scale_value=config.loss_scale)
+    cell = TrainOneStepWithLossScale(loss_net, optimizer, scale_sense=scale)
+    cell.set_train(True)
+    return cell
+
+
+def quant_schedule(config, steps_per_epoch):
+    return QuantSchedule(quant_delay=config.quant_delay_epochs * steps_per_epoch,
+                         freeze_bn=config.freeze_bn_epochs * steps_per_epoch,
+                         freeze_observer=config.freeze_observer_epochs * steps_per_epoch)
+
+
+def checkpoint_prefix(quantized):
+    return "mobilenetV2_quant" if quantized else "mobilenetV2_float"
+
+
+def _checkpoint_epoch(path):
+    found = re.search(r"-(\d+)_\d+\.ckpt$", path)
+    return int(found.group(1)) if found else -1
+
+
+def list_checkpoints(directory, quantized):
+    """This run's checkpoints in `directory`, oldest first."""
+    paths = glob.glob(os.path.join(directory, f"{checkpoint_prefix(quantized)}-*_*.ckpt"))
+    return sorted((p for p in paths if _checkpoint_epoch(p) >= 0), key=_checkpoint_epoch)
+
+
+def train(config, dataset_path, quantized=True, pretrained=None, resume=None, reinit_classifier=False,
+          output_dir=None, rank=0, group_size=1, sync_group=None, log=print):
+    """Train for config.epoch_size epochs (float, or QAT from the float checkpoint `pretrained`).
+
+    resume: a checkpoint this function wrote ("latest" picks the newest in output_dir); training continues
+    exactly where it stood. Returns the path of the last checkpoint written (None if saving is off).
+    """
+    output_dir = output_dir or config.save_checkpoint_path
+    ms.set_seed(config.seed)
+    network = network_from_config(config, quantized, sync_group)
+    probe = create_dataset(dataset_path, True, config, rank, group_size)
+    steps_per_epoch = probe.num_images // config.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{dataset_path} has {probe.num_images} images for this rank, fewer than one batch "
+                            f"of {config.batch_size}: lower --batch_size")
+    lr = get_lr(config.start_epoch * steps_per_epoch, 0.0, config.lr_end, config.lr, config.warmup_epochs,
+                config.start_epoch + config.epoch_size, steps_per_epoch)
+    train_cell = make_train_cell(network, make_optimizer(network, lr, config), config)
+
+    first_epoch, step = 0, 0
+    if resume:
+        if resume == "latest":
+            found = list_checkpoints(output_dir, quantized)
+            if not found:
+                raise TrainingError(f"--resume latest: no {checkpoint_prefix(quantized)} checkpoint in {output_dir}")
+            resume = found[-1]
+        meta = checkpoint.load_into(network, resume, train_state=train_cell)
+        if meta["network_kind"] != checkpoint.network_kind(network):
+            raise TrainingError(f"--resume {resume} holds a {meta['network_kind']} network, this run trains a "
+                                f"{checkpoint.network_kind(network)} one")
+        first_epoch, step = meta["epoch_num"], meta["step_num"]
+        log(f"resumed from {resume}: epoch {first_epoch}, global step {step}")
+    elif pretrained:
+        allow = quant_state_names(network) if quantized else ()
+        meta = checkpoint.load_into(network, pretrained, allow_missing=allow, reinit_classifier=reinit_classifier)
+        log(f"loaded {meta['network_kind']} checkpoint {pretrained}")
+    elif quantized:
+        log("warning: QAT from random initialisation; pass --pre_trained with a float checkpoint")
+
+    log(f"lr: this run sees {lr[0]:.6f} at its first step down to {lr[-1]:.6f} at its last: the tail, from epoch "
+        f"{config.start_epoch}, of a {config.start_epoch + config.epoch_size}-epoch warm-up + cosine schedule "
+        f"peaking at {config.lr}")
+    schedule = quant_schedule(config, steps_per_epoch) if quantized else None
+    monitor = Monitor(config.epoch_size, steps_per_epoch, config.log_interval, log)
+    last_saved = None
+    os.makedirs(output_dir, exist_ok=True)
+    for epoch in range(first_epoch, config.epoch_size):
+        epoch_data = Epoch(create_dataset(dataset_path, True, config, rank, group_size, epoch=epoch))
+        monitor.epoch_begin()
+        for i, (images, labels) in enumerate(epoch_data):
+            if len(labels) < config.batch_size:
+                continue  # the partial last batch: one input shape, one compiled graph
+            if schedule is not None:
+                schedule.apply(network, step)
+            monitor.step_begin()
+            loss, _, _ = train_cell(Tensor(images), Tensor(labels))
+            loss = float(loss.asnumpy())
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at epoch {epoch}, step {i}: training stopped. The last good "
+                                    f"checkpoint is {last_saved or 'none (no epoch finished)'}; lower --lr or check "
+                                    f"the data and the pre-trained checkpoint")
+            monitor.step_end(epoch, i, loss, float(lr[min(step, len(lr) - 1)]))
+            step += 1
+        monitor.epoch_end()
+        if epoch_data.images_skipped:
+            log(f"skipped {epoch_data.images_skipped} unreadable images in epoch {epoch}")
+        done = epoch + 1
+        if rank == 0 and config.save_checkpoint and (done % config.save_checkpoint_epochs == 0
+                                                     or done == config.epoch_size):
+            last_saved = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-{done}_{steps_per_epoch}.ckpt")
+            checkpoint.save(train_cell, last_saved, network, done, step)
+            for old in list_checkpoints(output_dir, quantized)[:-config.keep_checkpoint_max]:
+                os.remove(old)
+    return last_saved

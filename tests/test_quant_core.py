@@ -1,0 +1,221 @@
+"""The quantization mechanism against NumPy references of the same arithmetic, in GRAPH mode."""
+import numpy as np
+import mindspore as ms
+import pytest
+from mindspore import nn, ops, Tensor
+
+from src.layers import ConvBNAct, BN_EPS
+from src.quant.fake_quant import FakeQuantize, quant_range
+from src.quant.layers import QuantConvBNAct
+from src.quant.observers import asymmetric_qparams, MovingAverageMinMaxObserver, PerChannelAbsMaxObserver
+from src.quant.quantizer import QuantConfig, weight_quantizer
+from src.quant.schedule import QuantSchedule
+
+f32 = np.float32
+
+
+def reference_fake_quant(x, scale, zero_point, qmin, qmax):
+    q = np.clip(np.round(x / scale) + zero_point, qmin, qmax)  # np.round: half to even, like ONNX
+    return ((q - zero_point) * scale).astype(f32)
+
+
+def reference_asymmetric(min_val, max_val, qmin, qmax):
+    min_val, max_val = f32(min(min_val, 0.0)), f32(max(max_val, 0.0))
+    scale = max(f32((max_val - min_val) / f32(qmax - qmin)), np.finfo(f32).eps)
+    return f32(scale), f32(np.clip(np.round(qmin - min_val / scale), qmin, qmax))
+
+
+def test_quant_range():
+    assert quant_range(8, signed=False) == (0, 255)
+    assert quant_range(8, signed=True) == (-128, 127)
+    assert quant_range(8, signed=True, narrow_range=True) == (-127, 127)
+    assert quant_range(2, signed=False, narrow_range=True) == (1, 3)
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        quant_range(9, signed=True)
+
+
+@pytest.mark.parametrize("num_bits,signed,narrow", [(8, False, False), (8, True, True), (4, True, False),
+                                                    (2, False, True), (7, True, True)])
+def test_fake_quant_matches_numpy_exactly(num_bits, signed, narrow):
+    qmin, qmax = quant_range(num_bits, signed, narrow)
+    rng = np.random.default_rng(num_bits)
+    scale, zero_point = f32(0.05), f32(0 if signed else qmin + 3)
+    # random values, exact rounding ties (k + 0.5 steps), the clamp edges and beyond
+    ties = ((np.arange(qmin - 3, qmax + 3) - zero_point + 0.5) * scale).astype(f32)
+    edges = ((np.array([qmin, qmax, qmin - 1, qmax + 1]) - zero_point) * scale).astype(f32)
+    x = np.concatenate([rng.normal(0, 3, 500).astype(f32), ties, edges, [f32(1e6), f32(-1e6)]])
+    got = FakeQuantize(qmin, qmax)(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(1))).asnumpy()
+    want = reference_fake_quant(x, scale, zero_point, qmin, qmax)
+    np.testing.assert_array_equal(got, want)
+    assert got.min() >= (qmin - zero_point) * scale - 1e-6 and got.max() <= (qmax - zero_point) * scale + 1e-6
+    # disabled: the identity
+    off = FakeQuantize(qmin, qmax)(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(0))).asnumpy()
+    np.testing.assert_array_equal(off, x)
+
+
+def test_rounding_ties_go_to_even():
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5], f32)
+    got = FakeQuantize(-128, 127)(Tensor(x), Tensor(f32(1)), Tensor(f32(0)), Tensor(f32(1))).asnumpy()
+    np.testing.assert_array_equal(got, [0, 2, 2, 0, -2])
+
+
+@pytest.mark.parametrize("lo,hi", [(2.0, 5.0), (-3.0, -1.0), (-0.7, 6.3), (0.0, 0.0)])
+def test_asymmetric_qparams_hold_zero_exactly(lo, hi):
+    """Ranges that do not contain zero are widened to it, and the nudged zero point makes 0.0 exact."""
+    qmin, qmax = 0, 255
+    scale, zero_point = (t.asnumpy() for t in asymmetric_qparams(Tensor(f32(lo)), Tensor(f32(hi)), qmin, qmax))
+    want_scale, want_zp = reference_asymmetric(lo, hi, qmin, qmax)
+    assert scale == want_scale and zero_point == want_zp
+    assert zero_point == np.round(zero_point) and qmin <= zero_point <= qmax
+    x = np.array([0.0, lo, hi, (lo + hi) / 2], f32)
+    got = FakeQuantize(qmin, qmax)(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(1))).asnumpy()
+    assert got[0] == 0.0
+    np.testing.assert_array_equal(got, reference_fake_quant(x, scale, zero_point, qmin, qmax))
+    # the representable range still covers [lo, hi] to within one step
+    assert abs(got[1] - lo) <= scale and abs(got[2] - hi) <= scale
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (8, 1, 3, 3), (6, 10)], ids=["conv", "depthwise", "dense"])
+def test_per_channel_weight_quantizer_matches_numpy(shape):
+    rng = np.random.default_rng(1)
+    w = (rng.normal(0, 1, shape) * rng.uniform(0.01, 2, (shape[0],) + (1,) * (len(shape) - 1))).astype(f32)
+    quantizer = weight_quantizer(QuantConfig(weight_bits=8), shape, channel_axis=0)
+    got = quantizer(Tensor(w)).asnumpy()
+    max_abs = np.abs(w).reshape(shape[0], -1).max(axis=1).reshape((-1,) + (1,) * (len(shape) - 1))
+    scale = (max_abs / f32(127)).astype(f32)
+    np.testing.assert_array_equal(got, reference_fake_quant(w, scale, f32(0), -127, 127))
+    # each channel uses its own scale: at most 255 distinct levels per channel, the extremes kept exactly
+    for c in range(shape[0]):
+        assert np.abs(got[c]).max() == pytest.approx(max_abs.ravel()[c], rel=1e-6)
+
+
+def test_per_channel_observer_takes_any_channel_axis():
+    w = np.random.default_rng(2).normal(0, 1, (3, 3, 5, 2)).astype(f32)  # TF depthwise layout: channel last
+    observer = PerChannelAbsMaxObserver(127, w.shape, channel_axis=-1)
+    observer(Tensor(w))
+    np.testing.assert_array_equal(observer.max_abs.asnumpy().ravel(), np.abs(w).reshape(-1, 2).max(axis=0))
+
+
+class _SumOf(nn.Cell):
+    def __init__(self, fake_quant):
+        super().__init__()
+        self.fake_quant = fake_quant
+
+    def construct(self, x, scale, zero_point, enabled):
+        return self.fake_quant(x, scale, zero_point, enabled).sum()
+
+
+class _GradOfSum(nn.Cell):
+    """d sum(fake_quant(x)) / dx, in GRAPH mode."""
+
+    def __init__(self, fake_quant):
+        super().__init__()
+        self.sum_of = _SumOf(fake_quant)
+        self.grad = ops.GradOperation()
+
+    def construct(self, x, scale, zero_point, enabled):
+        return self.grad(self.sum_of)(x, scale, zero_point, enabled)
+
+
+def test_straight_through_gradient_is_one_inside_zero_outside():
+    qmin, qmax = 0, 255
+    scale, zero_point = f32(0.1), f32(100)  # representable range [-10.0, 15.5]
+    x = np.array([-20.0, -10.04, -9.9, 0.0, 3.33, 15.5, 15.54, 15.56, 40.0], f32)
+    grad = _GradOfSum(FakeQuantize(qmin, qmax))
+    got = grad(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(1))).asnumpy()
+    np.testing.assert_array_equal(got, [0, 1, 1, 1, 1, 1, 1, 0, 0])
+    # before the quantization delay ends the quantizer is the identity, and so is its gradient
+    off = grad(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(0))).asnumpy()
+    np.testing.assert_array_equal(off, np.ones_like(x))
+
+
+class _Train(nn.Cell):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, x):
+        return self.cell(x)
+
+
+def test_moving_average_observer_initialises_then_averages_then_freezes():
+    observer = MovingAverageMinMaxObserver(0, 255, ema_decay=0.9)
+    observer.set_train(True)
+    run = _Train(observer)
+    run.set_train(True)
+    run(Tensor(np.array([-1.0, 2.0], f32)))
+    assert observer.min_val.asnumpy() == pytest.approx(-1.0) and observer.max_val.asnumpy() == pytest.approx(2.0)
+    run(Tensor(np.array([-3.0, 4.0], f32)))
+    assert observer.min_val.asnumpy() == pytest.approx(0.9 * -1 + 0.1 * -3)
+    assert observer.max_val.asnumpy() == pytest.approx(0.9 * 2 + 0.1 * 4)
+    observer.enabled.set_data(Tensor(f32(0)))
+    before = observer.min_val.asnumpy().copy(), observer.max_val.asnumpy().copy()
+    run(Tensor(np.array([-30.0, 40.0], f32)))
+    assert (observer.min_val.asnumpy(), observer.max_val.asnumpy()) == before
+    run.set_train(False)
+    observer.enabled.set_data(Tensor(f32(1)))
+    run(Tensor(np.array([-30.0, 40.0], f32)))  # evaluation never moves activation ranges
+    assert (observer.min_val.asnumpy(), observer.max_val.asnumpy()) == before
+
+
+def _conv_pair(groups, seed=0):
+    """A float ConvBNAct and a QuantConvBNAct with the same (non-trivial) parameters."""
+    ms.set_seed(seed)
+    float_layer = ConvBNAct(8, 8, kernel_size=3, stride=1, groups=groups)
+    quant_layer = QuantConvBNAct(8, 8, kernel_size=3, stride=1, groups=groups, config=QuantConfig())
+    rng = np.random.default_rng(seed)
+    for name, value in (("gamma", rng.uniform(0.5, 2, 8)), ("beta", rng.normal(0, 1, 8)),
+                        ("moving_mean", rng.normal(0, 1, 8)), ("moving_variance", rng.uniform(0.5, 3, 8))):
+        getattr(float_layer, name).set_data(Tensor(value.astype(f32)))
+        getattr(quant_layer, name).set_data(Tensor(value.astype(f32)))
+    quant_layer.weight.set_data(float_layer.weight.data.copy())
+    return float_layer, quant_layer
+
+
+@pytest.mark.parametrize("groups", [1, 8], ids=["conv", "depthwise"])
+def test_folded_conv_bn_matches_conv_then_bn(groups):
+    float_layer, quant_layer = _conv_pair(groups)
+    x = Tensor(np.random.default_rng(5).normal(0, 1, (4, 8, 10, 10)).astype(f32))
+    # quantization off, BN frozen: the folded layer in training mode equals conv then BN with running statistics
+    quant_layer.weight_quant.quant_enabled.set_data(Tensor(f32(0)))
+    quant_layer.output_quant.quant_enabled.set_data(Tensor(f32(0)))
+    quant_layer.bn_frozen.set_data(Tensor(f32(1)))
+    float_layer.set_train(False)
+    want = float_layer(x).asnumpy()
+    trained = _Train(quant_layer)
+    trained.set_train(True)
+    np.testing.assert_allclose(trained(x).asnumpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(quant_layer.moving_mean.asnumpy(), float_layer.moving_mean.asnumpy())
+    # BN not frozen: batch statistics, as BN in training mode, and the running statistics move alike
+    quant_layer.bn_frozen.set_data(Tensor(f32(0)))
+    float_train = _Train(float_layer)
+    float_train.set_train(True)
+    np.testing.assert_allclose(trained(x).asnumpy(), float_train(x).asnumpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(quant_layer.moving_mean.asnumpy(), float_layer.moving_mean.asnumpy(), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(quant_layer.moving_variance.asnumpy(), float_layer.moving_variance.asnumpy(),
+                               rtol=1e-4)
+
+
+def test_folded_weights_are_what_inference_sees():
+    _, quant_layer = _conv_pair(groups=1)
+    folded_weight, folded_bias = (t.asnumpy() for t in quant_layer.fold())
+    gamma, beta = quant_layer.gamma.asnumpy(), quant_layer.beta.asnumpy()
+    mean, var = quant_layer.moving_mean.asnumpy(), quant_layer.moving_variance.asnumpy()
+    std = np.sqrt(var + BN_EPS)
+    np.testing.assert_allclose(folded_weight, quant_layer.weight.asnumpy() * (gamma / std)[:, None, None, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(folded_bias, beta - gamma * mean / std, rtol=1e-5, atol=1e-6)
+
+
+def test_schedule_flips_switches_at_their_steps():
+    _, layer = _conv_pair(groups=1)
+    schedule = QuantSchedule(quant_delay=2, freeze_bn=3, freeze_observer=4)
+    switches = lambda: (layer.weight_quant.quant_enabled.asnumpy().item(), layer.bn_frozen.asnumpy().item(),
+                        layer.output_quant.observer.enabled.asnumpy().item(),
+                        layer.weight_quant.observer.enabled.asnumpy().item())
+    seen = []
+    for step in range(5):
+        schedule.apply(layer, step)
+        seen.append(switches())
+    assert seen == [(0, 0, 1, 1), (0, 0, 1, 1), (1, 0, 1, 1), (1, 1, 1, 1), (1, 1, 0, 0)]
