@@ -87,6 +87,8 @@ def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train
         raise CheckpointError(f"checkpoint {path} does not fit the {network_kind(network)} network "
                               f"(checkpoint holds a {meta['network_kind']} network):\n  " + "\n  ".join(problems))
     loadable = {name: value for name, value in entries.items() if name in target}
+    # What may be missing keeps its current value (and MindSpore does not warn about it, name by name).
+    loadable.update({name: target[name] for name in target if name not in loadable})
     not_loaded, _ = ms.load_param_into_net(train_state or network, loadable, strict_load=True)
     if not_loaded and any(name in loadable for name in not_loaded):
         raise CheckpointError(f"checkpoint {path}: parameters not loaded: {not_loaded}")

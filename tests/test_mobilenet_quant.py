@@ -1,0 +1,157 @@
+"""The quantization-aware MobileNetV2: built from the float description, loaded from float checkpoints,
+trained in GRAPH mode with its observers and switches, and saved with all its state."""
+import numpy as np
+import mindspore as ms
+import pytest
+from easydict import EasyDict
+from mindspore import nn, Tensor
+
+from src import checkpoint
+from src.config import config_cpu
+from src.lr_generator import get_lr
+from src.mobilenetV2 import mobilenet_v2
+from src.quant.layers import quant_state_names
+from src.quant.quantizer import QuantConfig
+from src.quant.schedule import QuantSchedule
+from src.trainer import make_optimizer, make_train_cell
+
+f32 = np.float32
+CLASSES, WIDTH, SIZE, BATCH = 5, 0.25, 32, 8
+
+
+def images(seed, batch=BATCH):
+    return Tensor(np.random.default_rng(seed).normal(0, 1, (batch, 3, SIZE, SIZE)).astype(f32))
+
+
+class _Forward(nn.Cell):
+    def __init__(self, net):
+        super().__init__(auto_prefix=False)  # keep the network's Parameter names as they are
+        self.net = net
+
+    def construct(self, x):
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    """A float network whose BN statistics have seen data (so activations are realistic), saved."""
+    ms.set_seed(0)
+    net = mobilenet_v2(CLASSES, WIDTH)
+    forward = _Forward(net)
+    forward.set_train(True)
+    for seed in range(15):
+        forward(images(seed))
+    path = str(tmp_path_factory.mktemp("float") / "float.ckpt")
+    checkpoint.save(net, path, net, 0, 0)
+    return path
+
+
+def quant_net(path=None, **config):
+    net = mobilenet_v2(CLASSES, WIDTH, QuantConfig(**config))
+    if path:
+        checkpoint.load_into(net, path, allow_missing=quant_state_names(net))
+    return net
+
+
+def test_one_description_builds_both_networks():
+    float_net, q_net = mobilenet_v2(CLASSES, WIDTH), quant_net()
+    float_names, quant_names = set(float_net.parameters_dict()), set(q_net.parameters_dict())
+    assert float_names < quant_names
+    assert quant_names - float_names == set(quant_state_names(q_net))
+    # 17 inverted residual blocks + stem + last conv, each conv with a per-channel weight quantizer
+    assert sum(name.endswith("weight_quant.observer.max_abs") for name in quant_names) == 52 + 1
+
+
+def test_quantized_logits_follow_float_logits(float_checkpoint):
+    """8-bit per-channel weights and 8-bit activations add noise of about step/sqrt(12) per tensor (about
+    48 dB below the signal for a well-used range); over ~50 quantized tensors the logits keep a cosine
+    similarity above 0.99 with the float ones. A wrong fold, scale or zero point drops it far below."""
+    float_net = mobilenet_v2(CLASSES, WIDTH)
+    checkpoint.load_into(float_net, float_checkpoint)
+    float_net.set_train(False)
+    q_net = quant_net(float_checkpoint)
+    QuantSchedule(quant_delay=0, freeze_bn=0).apply(q_net, 0)  # calibrate: observers on, BN as in inference
+    calibrate = _Forward(q_net)
+    calibrate.set_train(True)
+    for seed in range(100, 104):
+        calibrate(images(seed))
+    q_net.set_train(False)
+    x = images(999, batch=BATCH)
+    want, got = float_net(x).asnumpy(), q_net(x).asnumpy()
+    cosine = np.sum(want * got, 1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(got, axis=1))
+    assert cosine.min() > 0.99, cosine
+    assert not np.array_equal(want, got)  # it did quantize
+
+
+def _observer_state(net):
+    """Ranges and BN statistics (not the switches)."""
+    return {n: p.asnumpy().copy() for n, p in net.parameters_dict().items()
+            if n.endswith(("min_val", "max_val", "max_abs", "moving_mean", "moving_variance"))}
+
+
+def test_observers_move_in_a_graph_training_step_and_stay_once_frozen(float_checkpoint, tmp_path):
+    net = quant_net(float_checkpoint, ema_decay=0.5)
+    config = EasyDict(dict(config_cpu, num_classes=CLASSES))
+    train_cell = make_train_cell(net, make_optimizer(net, get_lr(0, 0, 0, 0.01, 0, 1, 4), config), config)
+    schedule = QuantSchedule(quant_delay=0, freeze_bn=2, freeze_observer=2)
+    labels = Tensor(np.arange(BATCH) % CLASSES, ms.int32)
+
+    schedule.apply(net, 0)
+    train_cell(images(1), labels)
+    before = _observer_state(net)
+    schedule.apply(net, 1)
+    train_cell(images(2), labels)
+    after = _observer_state(net)
+    moved = [n for n in before if not np.array_equal(before[n], after[n])]
+    assert any(n.endswith("min_val") for n in moved) and any(n.endswith("max_abs") for n in moved)
+    assert any("moving_mean" in n for n in moved)
+
+    schedule.apply(net, 2)  # BN and observers frozen
+    weight_before = net.classifier.weight.asnumpy().copy()
+    train_cell(images(3), labels)
+    frozen = _observer_state(net)
+    assert [n for n in after if not np.array_equal(after[n], frozen[n])] == []
+    assert not np.array_equal(weight_before, net.classifier.weight.asnumpy())  # the weights still train
+
+    # the checkpoint round-trips every Parameter, observer ranges and switches included
+    path = str(tmp_path / "quant.ckpt")
+    checkpoint.save(net, path, net, 1, 3)
+    restored = quant_net()
+    meta = checkpoint.load_into(restored, path)
+    assert meta["network_kind"] == "quant" and meta["epoch_num"] == 1 and meta["step_num"] == 3
+    for name, param in net.parameters_dict().items():
+        np.testing.assert_array_equal(restored.parameters_dict()[name].asnumpy(), param.asnumpy(), err_msg=name)
+    net.set_train(False)
+    restored.set_train(False)
+    np.testing.assert_array_equal(restored(images(7)).asnumpy(), net(images(7)).asnumpy())
+
+
+def test_float_checkpoint_mismatches_are_named(float_checkpoint, tmp_path):
+    # another number of classes: the classifier's shape is named, and nothing is loaded
+    other = mobilenet_v2(CLASSES + 2, WIDTH, QuantConfig())
+    before = other.features[0].weight.asnumpy().copy()
+    with pytest.raises(checkpoint.CheckpointError, match=r"wrong shape \(2\): classifier.weight"):
+        checkpoint.load_into(other, float_checkpoint, allow_missing=quant_state_names(other))
+    np.testing.assert_array_equal(other.features[0].weight.asnumpy(), before)
+    # unless the user asks to re-initialise the classifier
+    checkpoint.load_into(other, float_checkpoint, allow_missing=quant_state_names(other), reinit_classifier=True)
+    assert not np.array_equal(other.features[0].weight.asnumpy(), before)
+
+    # another width: every mismatching layer named
+    with pytest.raises(checkpoint.CheckpointError, match=r"wrong shape .*features\.0\.weight"):
+        checkpoint.load_into(mobilenet_v2(CLASSES, 0.5), float_checkpoint)
+    # a quantized network may only lack its quantization state, and a float one takes no quantizer state
+    q_net = quant_net()
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing \(\d+\): input_quant"):
+        checkpoint.load_into(q_net, float_checkpoint)
+    quant_path = str(tmp_path / "q.ckpt")
+    checkpoint.save(q_net, quant_path, q_net, 0, 0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"unexpected \(\d+\): .*observer"):
+        checkpoint.load_into(mobilenet_v2(CLASSES, WIDTH), quant_path)
+    # files that are not checkpoints
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found: .*nothing.ckpt"):
+        checkpoint.load_into(q_net, str(tmp_path / "nothing.ckpt"))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 20)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint .*garbage.ckpt"):
+        checkpoint.load_into(q_net, str(garbage))
