@@ -1,7 +1,11 @@
-"""Evaluate a float or quantized MobileNetV2 checkpoint: top-1 and top-5 over every image of a dataset.
+"""Evaluate a model on a dataset: top-1 and top-5 over every image.
 
-    python eval.py --device_target CPU --dataset_path ~/imagenet/val --checkpoint_path mobilenetV2_quant-60_1601.ckpt
-The network (float or quantized, classes, width) is read from the checkpoint; --network checks it.
+    python eval.py --dataset_path ~/imagenet/val --checkpoint_path mobilenetV2_quant-60_1601.ckpt
+    python eval.py --dataset_path ~/imagenet/val --checkpoint_path mobilenetv2_int8.onnx      # ONNX Runtime
+    python eval.py --dataset_path ~/imagenet/val --checkpoint_path mobilenetv2_quant.mindir   # exported MINDIR
+    python eval.py --dataset_path ~/imagenet/val --checkpoint_path q.ckpt --parity_with mobilenetv2_int8.onnx
+For a checkpoint the network (float or quantized, classes, width) is read from the file; --network checks it.
+--parity_with runs the checkpoint and an exported model side by side and reports how far they agree.
 """
 import os
 import sys
@@ -11,15 +15,20 @@ import mindspore as ms
 from src import checkpoint
 from src.config import parse_args, print_config
 from src.dataset import DatasetError, create_dataset
-from src.evaluation import evaluate, network_predictor
+from src.evaluation import evaluate, mindir_predictor, network_predictor, onnx_predictor, parity
 from src.mobilenetV2 import network_from_config
+
+EXPORTED = {".onnx": onnx_predictor, ".mindir": mindir_predictor}
 
 
 def add_args(parser):
     parser.add_argument("--dataset_path", required=True, help="evaluation images, one folder per class")
-    parser.add_argument("--checkpoint_path", required=True, help="a checkpoint written by train.py")
+    parser.add_argument("--checkpoint_path", required=True,
+                        help="a checkpoint written by train.py, or a model written by export.py (.onnx, .mindir)")
     parser.add_argument("--network", choices=(checkpoint.FLOAT, checkpoint.QUANT), default=None,
                         help="the kind of network expected in the checkpoint (checked)")
+    parser.add_argument("--parity_with", default=None,
+                        help="an exported model (.onnx, .mindir) to compare with the checkpoint, image by image")
 
 
 def load_network(path, config, expected_kind=None):
@@ -36,18 +45,45 @@ def load_network(path, config, expected_kind=None):
     return network
 
 
+def exported_predictor(path):
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in EXPORTED:
+        raise checkpoint.CheckpointError(f"{path}: an exported model must end in {' or '.join(EXPORTED)}")
+    if not os.path.isfile(path):
+        raise checkpoint.CheckpointError(f"exported model not found: {path}")
+    return EXPORTED[extension](path)
+
+
 def main(argv=None):
     args, config = parse_args(__doc__, add_args, argv)
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(args.device_target)
+    name = os.path.basename(args.checkpoint_path)
     try:
-        network = load_network(args.checkpoint_path, config, args.network)
+        if args.checkpoint_path.lower().endswith(tuple(EXPORTED)):
+            predict = exported_predictor(args.checkpoint_path)
+            network = None
+        else:
+            network = load_network(args.checkpoint_path, config, args.network)
+            predict = network_predictor(network, config.batch_size)
         print_config(config)
         data = create_dataset(args.dataset_path, False, config)
-        result = evaluate(network_predictor(network, config.batch_size), data)
+        if args.parity_with:
+            if network is None or not network.quantized:
+                raise checkpoint.CheckpointError("--parity_with compares a quantized checkpoint (--checkpoint_path "
+                                                 "*.ckpt) with its export")
+            step = float(network.classifier.output_quant.observer.qparams()[0].asnumpy())
+            result = parity(predict, exported_predictor(args.parity_with), data, step)
+            print(f"parity: {name} vs {os.path.basename(args.parity_with)} over {result['images']} images\n"
+                  f"| model | top-1 |\n|---|---|\n| {name} (simulated) | {100 * result['acc_a']:.2f}% |\n"
+                  f"| {os.path.basename(args.parity_with)} (deployed) | {100 * result['acc_b']:.2f}% |\n"
+                  f"top-1 agreement: {100 * result['top1_agreement']:.2f}%, largest logit difference: "
+                  f"{result['max_logit_diff_steps']:.2f} output quantization steps")
+            return result
+        result = evaluate(predict, data)
     except (DatasetError, checkpoint.CheckpointError) as err:
         sys.exit(f"error: {err}")
-    print(f"result:{result} ckpt={os.path.basename(args.checkpoint_path)}")
+    print(f"result:{result} ckpt={name}")
     return result
 
 

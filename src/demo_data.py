@@ -1,6 +1,6 @@
 """The embedded demo dataset: small, deterministic, learnable images in the ImageNet folder layout.
 
-Ten classes: five textures (horizontal stripes, vertical stripes, checkerboard, rings, blotches) in two colour
+Ten classes: five textures (horizontal, vertical and diagonal stripes, checkerboard, blotches) in two colour
 families (warm, cool), with random frequency, phase, hue, brightness and pixel noise. Every crop of an image
 still shows its class, so the ImageNet training augmentation applies unchanged. Generated, never downloaded:
     python -m src.demo_data --output_path ./demo_data
@@ -12,14 +12,14 @@ import os
 import numpy as np
 from PIL import Image
 
-TEXTURES = ("hstripes", "vstripes", "checker", "rings", "blotches")
+TEXTURES = ("hstripes", "vstripes", "checker", "diagonal", "blotches")
 PALETTES = ("warm", "cool")
 CLASS_NAMES = tuple(f"{t}_{p}" for t in TEXTURES for p in PALETTES)
 
 
 def _texture(kind, size, rng):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    freq = rng.uniform(0.25, 0.6)
+    freq = rng.uniform(0.5, 1.0)  # periods of 6 to 12 pixels: a small crop still shows several
     phase = rng.uniform(0, 2 * np.pi)
     if kind == "hstripes":
         return np.sin(freq * yy + phase)
@@ -27,12 +27,11 @@ def _texture(kind, size, rng):
         return np.sin(freq * xx + phase)
     if kind == "checker":
         return np.sign(np.sin(freq * xx + phase) * np.sin(freq * yy + phase))
-    if kind == "rings":
-        cy, cx = rng.uniform(0, size, 2)
-        return np.sin(freq * np.hypot(yy - cy, xx - cx) + phase)
-    # blotches: smooth random field, upsampled coarse noise
-    coarse = rng.standard_normal((size // 8 + 2, size // 8 + 2))
-    field = np.kron(coarse, np.ones((8, 8)))[:size, :size]
+    if kind == "diagonal":  # either diagonal: a horizontal flip turns one into the other
+        return np.sin(freq * (xx + rng.choice([-1, 1]) * yy) / np.sqrt(2) + phase)
+    # blotches: random 4x4-pixel blocks
+    coarse = rng.standard_normal((size // 4 + 2, size // 4 + 2))
+    field = np.kron(coarse, np.ones((4, 4)))[:size, :size]
     return np.tanh(2 * field)
 
 
@@ -50,11 +49,12 @@ def make_image(label, index, size, seed):
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def generate(output_path, train_per_class=80, val_per_class=30, image_size=64, seed=0):
-    """Write output_path/{train,val}/<class>/<n>.JPEG; returns the two folder paths."""
+def generate(output_path, train_per_class=80, val_per_class=30, image_size=64, seed=0, num_classes=len(CLASS_NAMES)):
+    """Write output_path/{train,val}/<class>/<n>.JPEG for the first num_classes classes; returns the two
+    folder paths."""
     splits = {"train": (train_per_class, 0), "val": (val_per_class, 1_000_000)}
     for split, (count, offset) in splits.items():
-        for label, name in enumerate(CLASS_NAMES):
+        for label, name in enumerate(CLASS_NAMES[:num_classes]):
             folder = os.path.join(output_path, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(count):

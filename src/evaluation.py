@@ -35,3 +35,35 @@ def evaluate(predict, data):
     if epoch.images_skipped:
         result["skipped"] = epoch.images_skipped
     return result
+
+
+def onnx_predictor(path):
+    """Images -> logits through ONNX Runtime on CPU (its QDQ fusion runs an INT8 model on integer kernels)."""
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda images: session.run(None, {input_name: images})[0]
+
+
+def mindir_predictor(path):
+    """Images -> logits through a MINDIR graph (exported with a dynamic batch size) loaded back into MindSpore."""
+    graph = ms.nn.GraphCell(ms.load(path))
+    return lambda images: graph(Tensor(images, ms.float32)).asnumpy()
+
+
+def parity(predict_a, predict_b, data, output_step):
+    """Run two models side by side over `data`: top-1 of each, the share of images whose top-1 agree, and the
+    largest logit difference in units of `output_step` (the output quantization step)."""
+    correct_a = correct_b = agree = 0
+    largest = 0.0
+    epoch = Epoch(data)
+    for images, labels in epoch:
+        a, b = predict_a(images), predict_b(images)
+        top_a, top_b = a.argmax(1), b.argmax(1)
+        correct_a += int(np.sum(top_a == labels))
+        correct_b += int(np.sum(top_b == labels))
+        agree += int(np.sum(top_a == top_b))
+        largest = max(largest, float(np.abs(a - b).max()) / output_step)
+    count = epoch.images_seen
+    return {"acc_a": correct_a / count, "acc_b": correct_b / count, "top1_agreement": agree / count,
+            "max_logit_diff_steps": largest, "images": count}

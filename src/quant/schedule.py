@@ -13,15 +13,15 @@ from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObs
 from src.quant.quantizer import Quantizer
 
 NEVER = 2 ** 62
+OBSERVERS = (MovingAverageMinMaxObserver, PerChannelAbsMaxObserver)
 
 
-def _switches(network, kind, flag):
-    return [getattr(cell, flag) for _, cell in network.cells_and_names() if isinstance(cell, kind)]
-
-
-def set_switch(params, on):
-    for param in params:
-        param.set_data(Tensor(1.0 if on else 0.0, ms.float32))
+def set_switches(network, kind, switch, on):
+    """Set the 0/1 Parameter `switch` of every cell of type `kind` in `network`."""
+    value = Tensor(1.0 if on else 0.0, ms.float32)
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, kind):
+            getattr(cell, switch).set_data(value)
 
 
 @dataclass
@@ -43,9 +43,8 @@ class QuantSchedule:
         if self._applied == state:
             return state
         quantize, bn_frozen, observing = state
-        set_switch(_switches(network, Quantizer, "quant_enabled"), quantize)
-        set_switch(_switches(network, QuantConvBNAct, "bn_frozen"), bn_frozen)
-        set_switch(_switches(network, (MovingAverageMinMaxObserver, PerChannelAbsMaxObserver), "enabled"),
-                   observing)
+        set_switches(network, Quantizer, "quant_enabled", quantize)
+        set_switches(network, QuantConvBNAct, "bn_frozen", bn_frozen)
+        set_switches(network, OBSERVERS, "enabled", observing)
         self._applied = state
         return state

@@ -1,0 +1,40 @@
+"""Export a float or quantized checkpoint to MINDIR, AIR (Ascend only) or ONNX (INT8 for a quantized network).
+
+    python export.py --ckpt_file mobilenetV2_quant-60_1601.ckpt --file_format ONNX --file_name mobilenetv2_int8
+"""
+import sys
+
+import mindspore as ms
+
+from eval import load_network
+from src import checkpoint
+from src.config import parse_args
+from src.export import FORMATS, ExportError, export
+
+
+def add_args(parser):
+    parser.add_argument("--ckpt_file", required=True, help="a checkpoint written by train.py")
+    parser.add_argument("--file_format", choices=FORMATS, default="MINDIR")
+    parser.add_argument("--file_name", default="mobilenetv2_quant", help="output path without extension")
+    parser.add_argument("--network", choices=(checkpoint.FLOAT, checkpoint.QUANT), default=checkpoint.QUANT,
+                        help="the kind of network expected in the checkpoint (checked; default quant)")
+    parser.add_argument("--export_batch_size", type=int, default=1,
+                        help="batch size of the AIR graph (MINDIR and ONNX take any batch size)")
+
+
+def main(argv=None):
+    args, config = parse_args(__doc__, add_args, argv)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(args.device_target)
+    try:
+        network = load_network(args.ckpt_file, config, args.network)
+        path = export(network, args.file_name, args.file_format, args.export_batch_size, config.image_height,
+                      config.image_width, args.device_target)
+    except (checkpoint.CheckpointError, ExportError) as err:
+        sys.exit(f"error: {err}")
+    print(f"exported {args.ckpt_file} as {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Export a trained checkpoint for deployment: MINDIR (MindSpore, any target), AIR (Ascend 310 inference, needs
+Ascend) and ONNX (INT8 QDQ for ONNX Runtime; float networks export as FP32)."""
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from src.onnx_export import export_onnx
+from src.quant.schedule import OBSERVERS, set_switches
+
+FORMATS = ("MINDIR", "AIR", "ONNX")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def freeze_ranges(network, image_height, image_width):
+    """Fix every quantization range as inference uses it: one inference pass sets the weight ranges of the
+    current weights (as evaluation does), then all observers stop, so the exported graph holds constants."""
+    network.set_train(False)
+    network(Tensor(np.zeros((1, 3, image_height, image_width), np.float32)))
+    set_switches(network, OBSERVERS, "enabled", False)
+
+
+def export(network, file_name, file_format, batch_size, image_height, image_width, device_target):
+    """Write `network` as `file_name` + the format's extension; returns the path written."""
+    if file_format == "AIR" and device_target != "Ascend":
+        raise ExportError(f"AIR export needs the Ascend backend (--device_target Ascend on an Ascend machine); on "
+                          f"{device_target} export MINDIR for MindSpore or ONNX for ONNX Runtime instead")
+    if getattr(network, "quantized", False):
+        freeze_ranges(network, image_height, image_width)
+    network.set_train(False)
+    if file_format == "ONNX" and getattr(network, "quantized", False):
+        path = file_name + ".onnx"
+        export_onnx(network, path, image_height, image_width)
+        return path
+    if file_format == "AIR":  # Ascend 310 graphs have a fixed batch size
+        example = Tensor(np.zeros((batch_size, 3, image_height, image_width), np.float32))
+    else:
+        example = Tensor(shape=[None, 3, image_height, image_width], dtype=ms.float32)  # any batch size
+    ms.export(network, example, file_name=file_name, file_format=file_format)
+    return f"{file_name}.{file_format.lower()}"

@@ -1,0 +1,138 @@
+"""INT8 ONNX export of the quantization-aware MobileNetV2: a QDQ model that ONNX Runtime runs with integer kernels.
+
+MindSpore's own ONNX export writes fake-quant as float arithmetic, so the graph is written here from the trained
+Parameters with the `onnx` helpers: QuantizeLinear/DequantizeLinear (opset 13, per-channel weights) around each
+convolution, the residual adds and the pooling, with
+  - weights: the BN-folded weights (running statistics, as QuantConvBNAct folds them), rounded with the weight
+    quantizer's per-channel scales to int8 (7- or 8-bit values, zero point 0);
+  - biases: the folded bias in int32 at scale input_scale * weight_scale, as integer kernels take it;
+  - activations: uint8 with the scales and zero points the observers learned in training.
+ONNX Runtime's QDQ fusion turns Q -> DQ -> Conv -> (Clip) -> Q into QLinearConv, Add into QLinearAdd and the
+pooling into QLinearGlobalAveragePool. The classifier is written as a 1x1 convolution on the pooled (N, C, 1, 1)
+tensor: the same arithmetic as the dense layer, and it keeps the whole network in integer kernels.
+
+`export_onnx` mirrors MobileNetV2.construct; a change of the architecture changes both.
+"""
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, TensorProto
+
+from src.quant.layers import QuantConvBNAct
+
+OPSET = 13
+
+
+class _Graph:
+    """Nodes and initializers of the graph being written, with unique names."""
+
+    def __init__(self):
+        self.nodes, self.initializers, self.count = [], [], 0
+
+    def name(self, hint):
+        self.count += 1
+        return f"{hint}_{self.count}"
+
+    def const(self, hint, array):
+        name = self.name(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type, inputs, hint=None, **attrs):
+        output = self.name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
+        return output
+
+
+class _Activation:
+    """A uint8-quantized tensor of the graph: its dequantized name, scale and zero point."""
+
+    def __init__(self, name, scale, zero_point):
+        self.name, self.scale, self.zero_point = name, scale, zero_point
+
+
+def _numpy(tensor):
+    return tensor.asnumpy() if hasattr(tensor, "asnumpy") else np.asarray(tensor)
+
+
+def _quantize_activation(graph, x, quantizer, hint):
+    """QuantizeLinear then DequantizeLinear with the quantizer's learned per-tensor range."""
+    scale, zero_point = (_numpy(t) for t in quantizer.observer.qparams())
+    scale = np.float32(scale)
+    zero_point = np.uint8(zero_point)
+    scale_name, zp_name = graph.const(f"{hint}_scale", scale), graph.const(f"{hint}_zero_point", zero_point)
+    q = graph.op("QuantizeLinear", [x, scale_name, zp_name], f"{hint}_q")
+    return _Activation(graph.op("DequantizeLinear", [q, scale_name, zp_name], f"{hint}_dq"), scale, zero_point)
+
+
+def quantized_weight(weight_quantizer, weight):
+    """Integer weights and per-channel scales, rounded exactly as the fake-quantizer rounds them."""
+    weight_quantizer.observer(weight)  # the range of these weights, unless the observer is frozen
+    scale = _numpy(weight_quantizer.observer.qparams()[0]).astype(np.float32)
+    weight = _numpy(weight).astype(np.float32)
+    q = np.clip(np.round(weight / scale), weight_quantizer.qmin, weight_quantizer.qmax)
+    return q.astype(np.int8), scale.reshape(-1)
+
+
+def _conv(graph, x, q_weight, w_scale, bias, output_quantizer, hint, activation=False, stride=1, padding=0,
+          groups=1):
+    bias_scale = (x.scale * w_scale).astype(np.float32)
+    q_bias = np.round(_numpy(bias).astype(np.float32) / bias_scale).astype(np.int32)
+    channels = len(w_scale)
+    w = graph.op("DequantizeLinear", [graph.const(f"{hint}_w", q_weight), graph.const(f"{hint}_w_scale", w_scale),
+                                      graph.const(f"{hint}_w_zp", np.zeros(channels, np.int8))], f"{hint}_w_dq",
+                 axis=0)
+    b = graph.op("DequantizeLinear", [graph.const(f"{hint}_b", q_bias), graph.const(f"{hint}_b_scale", bias_scale),
+                                      graph.const(f"{hint}_b_zp", np.zeros(channels, np.int32))], f"{hint}_b_dq",
+                 axis=0)
+    kernel = list(q_weight.shape[2:])
+    y = graph.op("Conv", [x.name, w, b], f"{hint}_conv", kernel_shape=kernel, strides=[stride, stride],
+                 pads=[padding] * 4, group=groups)
+    if activation:
+        # ReLU6; the uint8 range that follows lies within [0, 6], so ONNX Runtime folds this Clip into it.
+        y = graph.op("Clip", [y, graph.const(f"{hint}_min", np.float32(0)), graph.const(f"{hint}_max", np.float32(6))],
+                     f"{hint}_relu6")
+    return _quantize_activation(graph, y, output_quantizer, hint)
+
+
+def _conv_bn_act(graph, x, layer, hint):
+    weight, bias = layer.fold()
+    q_weight, w_scale = quantized_weight(layer.weight_quant, weight)
+    return _conv(graph, x, q_weight, w_scale, bias, layer.output_quant, hint, layer.activation, layer.stride,
+                 layer.padding, layer.groups)
+
+
+def export_onnx(network, path, image_height, image_width):
+    """Write the quantized `network` (a MobileNetV2 built with a QuantConfig) as an INT8 QDQ ONNX model with a
+    dynamic batch dimension: input "input" (N, 3, H, W) float32, normalised as for training; output "logits"."""
+    if not getattr(network, "quantized", False):
+        raise ValueError("ONNX INT8 export needs a quantized network; this one is float")
+    network.set_train(False)
+    graph = _Graph()
+    x = _quantize_activation(graph, "input", network.input_quant, "input")
+    for index, block in enumerate(network.features):
+        if isinstance(block, QuantConvBNAct):
+            x = _conv_bn_act(graph, x, block, f"features{index}")
+            continue
+        y = x
+        for sub, layer in enumerate(block.conv):
+            y = _conv_bn_act(graph, y, layer, f"features{index}_{sub}")
+        if block.use_residual:
+            y = _quantize_activation(graph, graph.op("Add", [x.name, y.name], f"features{index}_add"),
+                                     block.add.output_quant, f"features{index}_add")
+        x = y
+    pooled = graph.op("GlobalAveragePool", [x.name], "pool")
+    x = _quantize_activation(graph, pooled, network.pool_quant, "pool")
+    classifier = network.classifier
+    q_weight, w_scale = quantized_weight(classifier.weight_quant, classifier.weight)
+    logits = _conv(graph, x, q_weight.reshape(q_weight.shape + (1, 1)), w_scale, classifier.bias,
+                   classifier.output_quant, "classifier")
+    graph.nodes.append(helper.make_node("Flatten", [logits.name], ["logits"], name="logits", axis=1))
+
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, image_height, image_width])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", network.num_classes])]
+    model = helper.make_model(helper.make_graph(graph.nodes, "mobilenetV2_int8", inputs, outputs,
+                                                graph.initializers),
+                              opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mobilenetv2-quant")
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return logits.scale  # the output quantization step

@@ -1,0 +1,95 @@
+"""Bad input ends in a clear error naming the problem: dataset folders, image files, config overrides."""
+import os
+import shutil
+
+import pytest
+from easydict import EasyDict
+
+from src.config import config_cpu, parse_args
+from src.dataset import DatasetError, Epoch, create_dataset
+from src.lr_generator import get_lr
+
+CONFIG = EasyDict(dict(config_cpu, num_classes=4, image_height=16, image_width=16, batch_size=5,
+                       num_parallel_workers=1))
+
+
+def test_missing_empty_and_unstructured_folders_are_named(tmp_path):
+    with pytest.raises(DatasetError, match=f"dataset folder not found: {tmp_path}/nope"):
+        create_dataset(str(tmp_path / "nope"), True, CONFIG)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match=f"no class folders in {empty}"):
+        create_dataset(str(empty), True, CONFIG)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.JPEG").write_bytes(b"x")
+    with pytest.raises(DatasetError, match=f"no class folders in {flat}: expected the ImageNet layout"):
+        create_dataset(str(flat), True, CONFIG)
+    (flat / "cls").mkdir()
+    (flat / "cls" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=f"class folder {flat}/cls holds no image"):
+        create_dataset(str(flat), True, CONFIG)
+
+
+def test_class_count_must_match_the_config(demo_data):
+    with pytest.raises(DatasetError, match="has 4 class folders but num_classes is 7"):
+        create_dataset(demo_data[1], False, EasyDict(dict(CONFIG, num_classes=7)))
+
+
+@pytest.fixture
+def corrupt_copy(demo_data, tmp_path):
+    root = tmp_path / "val"
+    shutil.copytree(demo_data[1], root)
+    bad = root / sorted(os.listdir(root))[1] / "00002.JPEG"
+    bad.write_bytes(b"this is not a JPEG")
+    (root / sorted(os.listdir(root))[0] / "README.txt").write_text("ignored: not an image extension")
+    return str(root), str(bad)
+
+
+def test_corrupt_image_is_named(corrupt_copy):
+    root, bad = corrupt_copy
+    with pytest.raises(DatasetError, match=f"cannot read image {bad}: corrupt or not an image"):
+        for _ in Epoch(create_dataset(root, False, CONFIG)):
+            pass
+
+
+def test_corrupt_images_can_be_skipped_and_are_counted(corrupt_copy):
+    root, _ = corrupt_copy
+    epoch = Epoch(create_dataset(root, False, EasyDict(dict(CONFIG, skip_bad_images=True))))
+    batches = [len(labels) for _, labels in epoch]
+    assert sum(batches) == 23 and epoch.images_seen == 23 and epoch.images_skipped == 1
+    assert batches[-1] == 3  # evaluation keeps the partial last batch
+
+
+def test_eval_pipeline_shapes_and_order(demo_data):
+    batches = list(Epoch(create_dataset(demo_data[1], False, CONFIG)))
+    images, labels = batches[0]
+    assert images.shape == (5, 3, 16, 16) and images.dtype.name == "float32"
+    assert [int(l) for _, ls in batches for l in ls] == sorted(int(l) for _, ls in batches for l in ls)
+
+
+def _parse(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args("test", lambda parser: None, argv)
+    return capsys.readouterr().err
+
+
+def test_config_overrides_are_typed_and_checked(capsys):
+    args, config = parse_args("test", lambda parser: None, ["--lr", "0.05", "--batch_size", "7",
+                                                             "--skip_bad_images", "true", "--device_target", "GPU"])
+    assert config.lr == 0.05 and config.batch_size == 7 and config.skip_bad_images is True
+    assert args.device_target == "GPU" and config.num_classes == 1000
+    assert "unrecognized arguments: --learning_rate" in _parse(["--learning_rate", "0.1"], capsys)
+    assert "argument --batch_size: invalid int value: 'big'" in _parse(["--batch_size", "big"], capsys)
+    assert "argument --save_checkpoint: invalid bool value: 'maybe'" in _parse(["--save_checkpoint", "maybe"], capsys)
+    assert "--loss_scale_type must be 'fixed' or 'dynamic'" in _parse(["--loss_scale_type", "auto"], capsys)
+    assert "--weight_bits must be between 2 and 8, got 9" in _parse(["--weight_bits", "9"], capsys)
+    assert "ambiguous" not in _parse(["--save_checkpoint_pat", "x"], capsys)  # no silent abbreviations
+
+
+def test_lr_schedule_warms_up_then_decays_and_qat_takes_its_tail():
+    full = get_lr(0, 0.0, 0.0, 0.3, 1, 4, 10)
+    assert len(full) == 40 and full[9] == pytest.approx(0.3) and full[0] == pytest.approx(0.03)
+    assert all(a >= b for a, b in zip(full[10:], full[11:])) and full[-1] < 1e-3
+    tail = get_lr(30, 0.0, 0.0, 0.3, 1, 4, 10)
+    assert len(tail) == 10 and (tail == full[30:]).all()

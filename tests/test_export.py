@@ -1,0 +1,71 @@
+"""Export of a trained quantized checkpoint: MINDIR reloads bit-exactly, ONNX is a real INT8 model that ONNX
+Runtime runs on integer kernels and that agrees with the simulated model; wrong requests fail clearly."""
+import collections
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import eval as eval_script
+import export as export_script
+from conftest import tiny_argv
+
+
+@pytest.fixture(scope="module")
+def exported(qat_run, tmp_path_factory):
+    checkpoint_path, _ = qat_run
+    out = tmp_path_factory.mktemp("export")
+    paths = {fmt: export_script.main(["--ckpt_file", checkpoint_path, "--file_format", fmt,
+                                      "--file_name", str(out / "tiny"), *tiny_argv()])
+             for fmt in ("ONNX", "MINDIR")}
+    return checkpoint_path, paths
+
+
+def test_onnx_is_an_integer_model_onnx_runtime_runs_on_integer_kernels(exported, tmp_path):
+    _, paths = exported
+    model = onnx.load(paths["ONNX"])
+    onnx.checker.check_model(model, full_check=True)
+    ops = collections.Counter(node.op_type for node in model.graph.node)
+    # 52 convolutions and the classifier as a 1x1 one; every residual add (11 at this width: the first block
+    # has one too when its 32 * 0.25 input channels round to its 8 output channels)
+    assert ops["Conv"] == 53 and ops["Add"] == 11 and ops["QuantizeLinear"] == 53 + 11 + 2  # + input, pooling
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    conv_weights = [w for name, w in weights.items() if name.endswith(tuple(f"_w_{i}" for i in range(10 ** 4)))
+                    and w.ndim == 4]
+    assert len(conv_weights) == 53 and all(w.dtype == np.int8 and np.abs(w).max() <= 63 for w in conv_weights)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(paths["ONNX"], options, providers=["CPUExecutionProvider"])
+    fused = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    assert fused["QLinearConv"] == 53 and fused["QLinearAdd"] == 11 and fused["QLinearGlobalAveragePool"] == 1
+    assert fused["Conv"] == 0 and fused["Add"] == 0
+
+
+def test_deployed_models_agree_with_the_simulated_one(exported, demo_data, capsys):
+    checkpoint_path, paths = exported
+    _, val_path = demo_data
+    simulated = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", checkpoint_path, *tiny_argv()])
+    mindir = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", paths["MINDIR"], *tiny_argv()])
+    assert mindir == simulated  # the same graph, reloaded
+    deployed = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", paths["ONNX"], *tiny_argv()])
+    assert deployed["images"] == simulated["images"] == 24
+    result = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", checkpoint_path,
+                               "--parity_with", paths["ONNX"], *tiny_argv()])
+    out = capsys.readouterr().out
+    assert "top-1 agreement:" in out and "output quantization steps" in out
+    assert result["acc_a"] == simulated["acc"] and result["acc_b"] == deployed["acc"]
+    assert result["top1_agreement"] >= 23 / 24
+    assert result["max_logit_diff_steps"] <= 3.0
+
+
+def test_wrong_export_requests_fail_clearly(exported, float_run, tmp_path):
+    checkpoint_path, _ = exported
+    with pytest.raises(SystemExit, match="AIR export needs the Ascend backend .* export MINDIR .* or ONNX"):
+        export_script.main(["--ckpt_file", checkpoint_path, "--file_format", "AIR", "--file_name",
+                            str(tmp_path / "m"), *tiny_argv()])
+    with pytest.raises(SystemExit, match="--network quant given, but .* holds a float network"):
+        export_script.main(["--ckpt_file", float_run, "--file_format", "ONNX", "--file_name", str(tmp_path / "m"),
+                            *tiny_argv()])
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,77 @@
+"""End to end on a tiny demo dataset: float training, QAT from it, evaluation, exact resume, and the errors
+users hit first (data, checkpoints, config)."""
+import os
+
+import numpy as np
+import pytest
+from easydict import EasyDict
+
+import eval as eval_script
+from src import checkpoint
+from src.config import config_cpu
+from src.trainer import train, TrainingError
+
+from conftest import TINY, tiny_argv
+
+
+def tiny_config(**overrides):
+    return EasyDict(dict(config_cpu, **TINY, **overrides))
+
+
+def _params(path):
+    entries, meta = checkpoint.read(path)
+    return {name: value.asnumpy() for name, value in entries.items()}, meta
+
+
+def test_float_then_qat_then_eval_through_the_scripts(demo_data, float_run, qat_run, capsys):
+    _, val_path = demo_data
+    _, meta = checkpoint.read(float_run)
+    assert meta["network_kind"] == "float" and meta["epoch_num"] == 2
+    last, log = qat_run
+    assert "effective config:" in log and "lr: this run sees" in log
+    assert "epoch: [  1/  2], step:[    5/    6], loss:[" in log and "per step time:" in log
+    assert os.listdir(os.path.dirname(last)) == [os.path.basename(last)]  # keep_checkpoint_max 1
+    params, meta = _params(last)
+    assert meta["network_kind"] == "quant" and meta["epoch_num"] == 2 and meta["step_num"] == 12
+    assert params["features.0.bn_frozen"] == 1 and params["input_quant.observer.enabled"] == 0
+    assert params["input_quant.observer.min_val"] < 0 < params["input_quant.observer.max_val"]
+
+    result = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", last, "--network", "quant",
+                               *tiny_argv(batch_size=5)])
+    log = capsys.readouterr().out
+    assert result["images"] == 24  # every image, the last partial batch included (24 = 4 * 5 + 4)
+    assert 0.0 <= result["acc"] <= result["top5"] <= 1.0
+    assert f"result:{{'acc': {result['acc']}" in log and os.path.basename(last) in log
+    with pytest.raises(SystemExit, match="--network float given, but .* holds a quant network"):
+        eval_script.main(["--dataset_path", val_path, "--checkpoint_path", last, "--network", "float", *tiny_argv()])
+
+
+def test_resume_continues_exactly(demo_data, float_run, tmp_path):
+    train_path, _ = demo_data
+    config = dict(start_epoch=2, epoch_size=3, lr=0.05, freeze_bn_epochs=2, freeze_observer_epochs=2,
+                  loss_scale_type="dynamic")
+    straight = train(tiny_config(**config, save_checkpoint_path=str(tmp_path / "a")), train_path,
+                     pretrained=float_run)
+    resumed_dir = str(tmp_path / "b")
+    train(tiny_config(**dict(config, epoch_size=3), save_checkpoint_path=resumed_dir), train_path,
+          pretrained=float_run)
+    # kill the run after epoch 1 (of 3): only its first two checkpoints are left, then resume from the latest
+    os.remove(os.path.join(resumed_dir, "mobilenetV2_quant-3_6.ckpt"))
+    os.remove(os.path.join(resumed_dir, "mobilenetV2_quant-2_6.ckpt"))
+    resumed = train(tiny_config(**config, save_checkpoint_path=resumed_dir), train_path, resume="latest")
+    want, _ = _params(straight)
+    got, meta = _params(resumed)
+    assert meta["epoch_num"] == 3 and meta["step_num"] == 18
+    assert set(want) == set(got)
+    assert any(name.startswith("moments.") for name in got)  # the optimizer state is in the checkpoint
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(demo_data, float_run, tmp_path):
+    out = str(tmp_path / "nan")
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+: training stopped. The last good "
+                                            r"checkpoint is .*mobilenetV2_float-1_6.ckpt"):
+        train(tiny_config(start_epoch=0, epoch_size=3, lr=1e30, warmup_epochs=1, label_smooth=0.0,
+                          save_checkpoint_path=out), demo_data[0], quantized=False, pretrained=float_run)
+    assert checkpoint.read(os.path.join(out, "mobilenetV2_float-1_6.ckpt"))[1]["epoch_num"] == 1
