@@ -7,6 +7,7 @@ Any config key (src/config.py) can be overridden: --batch_size 64 --lr 0.05 ...
 import sys
 
 import mindspore as ms
+from mindspore.communication import GlobalComm, get_group_size, get_rank, init
 
 from src.config import parse_args, print_config
 from src.dataset import DatasetError
@@ -22,16 +23,32 @@ def add_args(parser):
                         help="start from --pre_trained even if its classifier has another number of classes")
     parser.add_argument("--resume", default=None,
                         help="continue a run exactly from one of its checkpoints ('latest': the newest one)")
+    parser.add_argument("--run_distribute", type=lambda text: text.lower() in ("1", "true", "yes"), default=False,
+                        help="data parallel over the processes msrun started (HCCL on Ascend, NCCL on GPU, "
+                             "MindSpore's own collectives on CPU)")
+
+
+def init_data_parallel():
+    """Join the collective group msrun set up; gradients are averaged over ranks, activation ranges and BN
+    statistics agreed. Returns (rank, group size, communication group)."""
+    init()
+    rank, group_size = get_rank(), get_group_size()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=group_size)
+    return rank, group_size, GlobalComm.WORLD_COMM_GROUP
 
 
 def main(argv=None):
     args, config = parse_args(__doc__, add_args, argv)
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(args.device_target)
-    print_config(config)
+    rank, group_size, group = init_data_parallel() if args.run_distribute else (0, 1, None)
+    if rank == 0:
+        print_config(config)
     try:
         last = train(config, args.dataset_path, quantized=args.mode == "qat", pretrained=args.pre_trained,
-                     resume=args.resume, reinit_classifier=args.reinit_classifier)
+                     resume=args.resume, reinit_classifier=args.reinit_classifier, rank=rank, group_size=group_size,
+                     sync_group=group)
     except (DatasetError, CheckpointError, TrainingError) as err:
         sys.exit(f"error: {err}")
     print(f"last checkpoint: {last}")

@@ -19,7 +19,7 @@ CLASS_NAMES = tuple(f"{t}_{p}" for t in TEXTURES for p in PALETTES)
 
 def _texture(kind, size, rng):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    freq = rng.uniform(0.5, 1.0)  # periods of 6 to 12 pixels: a small crop still shows several
+    freq = rng.uniform(0.3, 0.6)  # periods of 10 to 20 pixels
     phase = rng.uniform(0, 2 * np.pi)
     if kind == "hstripes":
         return np.sin(freq * yy + phase)
@@ -29,10 +29,9 @@ def _texture(kind, size, rng):
         return np.sign(np.sin(freq * xx + phase) * np.sin(freq * yy + phase))
     if kind == "diagonal":  # either diagonal: a horizontal flip turns one into the other
         return np.sin(freq * (xx + rng.choice([-1, 1]) * yy) / np.sqrt(2) + phase)
-    # blotches: random 4x4-pixel blocks
-    coarse = rng.standard_normal((size // 4 + 2, size // 4 + 2))
-    field = np.kron(coarse, np.ones((4, 4)))[:size, :size]
-    return np.tanh(2 * field)
+    # blotches: smooth random blobs (bilinearly enlarged noise), no straight edges
+    coarse = Image.fromarray(rng.standard_normal((6, 6)).astype(np.float32), mode="F")
+    return np.tanh(2 * np.asarray(coarse.resize((size, size), Image.BILINEAR)))
 
 
 def _colour(palette, rng):

@@ -4,7 +4,9 @@ import os
 import sys
 
 import mindspore as ms
+import numpy as np
 import pytest
+from mindspore import nn, Tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -54,3 +56,38 @@ def qat_run(demo_data, float_run, tmp_path_factory):
                                   "--freeze_observer_epochs", "1", "--save_checkpoint_path", out,
                                   "--keep_checkpoint_max", "1"])
     return last, log.getvalue()
+
+
+CLASSES, WIDTH, SIZE, BATCH = 5, 0.25, 32, 8
+
+
+def images(seed, batch=BATCH):
+    return Tensor(np.random.default_rng(seed).normal(0, 1, (batch, 3, SIZE, SIZE)).astype(np.float32))
+
+
+class Forward(nn.Cell):
+    """Runs a network inside a graph of its own (set_train on it picks the mode)."""
+
+    def __init__(self, net):
+        super().__init__(auto_prefix=False)  # keep the network's Parameter names as they are
+        self.net = net
+
+    def construct(self, x):
+        return self.net(x)
+
+
+@pytest.fixture(scope="session")
+def float_checkpoint(tmp_path_factory):
+    """A float network (width WIDTH, CLASSES classes) whose BN statistics have seen data, so its activations are
+    realistic (a fresh network's unit statistics make deep activations vanish), saved."""
+    from src import checkpoint
+    from src.mobilenetV2 import mobilenet_v2
+    ms.set_seed(0)
+    net = mobilenet_v2(CLASSES, WIDTH)
+    forward = Forward(net)
+    forward.set_train(True)
+    for seed in range(15):
+        forward(images(seed))
+    path = str(tmp_path_factory.mktemp("float") / "float.ckpt")
+    checkpoint.save(net, path, net, 0, 0)
+    return path

@@ -4,8 +4,8 @@ import numpy as np
 import mindspore as ms
 import pytest
 from easydict import EasyDict
-from mindspore import nn, Tensor
 
+from conftest import BATCH, CLASSES, WIDTH, Forward, images
 from src import checkpoint
 from src.config import config_cpu
 from src.lr_generator import get_lr
@@ -16,34 +16,6 @@ from src.quant.schedule import QuantSchedule
 from src.trainer import make_optimizer, make_train_cell
 
 f32 = np.float32
-CLASSES, WIDTH, SIZE, BATCH = 5, 0.25, 32, 8
-
-
-def images(seed, batch=BATCH):
-    return Tensor(np.random.default_rng(seed).normal(0, 1, (batch, 3, SIZE, SIZE)).astype(f32))
-
-
-class _Forward(nn.Cell):
-    def __init__(self, net):
-        super().__init__(auto_prefix=False)  # keep the network's Parameter names as they are
-        self.net = net
-
-    def construct(self, x):
-        return self.net(x)
-
-
-@pytest.fixture(scope="module")
-def float_checkpoint(tmp_path_factory):
-    """A float network whose BN statistics have seen data (so activations are realistic), saved."""
-    ms.set_seed(0)
-    net = mobilenet_v2(CLASSES, WIDTH)
-    forward = _Forward(net)
-    forward.set_train(True)
-    for seed in range(15):
-        forward(images(seed))
-    path = str(tmp_path_factory.mktemp("float") / "float.ckpt")
-    checkpoint.save(net, path, net, 0, 0)
-    return path
 
 
 def quant_net(path=None, **config):
@@ -71,7 +43,7 @@ def test_quantized_logits_follow_float_logits(float_checkpoint):
     float_net.set_train(False)
     q_net = quant_net(float_checkpoint)
     QuantSchedule(quant_delay=0, freeze_bn=0).apply(q_net, 0)  # calibrate: observers on, BN as in inference
-    calibrate = _Forward(q_net)
+    calibrate = Forward(q_net)
     calibrate.set_train(True)
     for seed in range(100, 104):
         calibrate(images(seed))

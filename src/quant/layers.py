@@ -1,6 +1,7 @@
 """Quantization-aware versions of the float blocks in src/layers.py, with the same Parameter names plus their
 quantizers' state, and `QuantLayers`, which the network description uses to build them."""
 from mindspore import ops
+from mindspore.communication import get_group_size
 
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, BN_EPS
 from src.quant.observers import _flag
@@ -24,6 +25,10 @@ class QuantConvBNAct(ConvBNAct):
         self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         self.output_quant = activation_quantizer(config)
         self.bn_frozen = _flag("bn_frozen", 0.0)
+        # Data parallel: every rank moves its running statistics by the mean of all ranks' batch statistics, so
+        # the folded weights (and the checkpoint rank 0 writes) are the same on every rank.
+        self.stats_all_reduce = ops.AllReduce(group=config.sync_group) if config.sync_group else None
+        self.group_size = get_group_size(config.sync_group) if config.sync_group else 1
 
     def _running_std_and_scale(self):
         running_std = ops.sqrt(self.moving_variance + BN_EPS)
@@ -59,10 +64,12 @@ class QuantConvBNAct(ConvBNAct):
         bias = frozen * folded_bias + (1.0 - frozen) * (self.beta - self.gamma * batch_mean / batch_std)
         # Running statistics move only while BN is not frozen (unbiased variance, as BatchNorm does).
         count = y.size // y.shape[1]
+        stats = ops.stop_gradient(ops.stack([batch_mean, batch_var * (count / max(count - 1, 1))]))
+        if self.stats_all_reduce is not None:
+            stats = self.stats_all_reduce(stats) / self.group_size  # CPU collectives only sum
         rate = (1.0 - frozen) * BN_MOMENTUM
-        ops.assign(self.moving_mean, self.moving_mean + rate * (ops.stop_gradient(batch_mean) - self.moving_mean))
-        unbiased_var = ops.stop_gradient(batch_var) * (count / max(count - 1, 1))
-        ops.assign(self.moving_variance, self.moving_variance + rate * (unbiased_var - self.moving_variance))
+        ops.assign(self.moving_mean, self.moving_mean + rate * (stats[0] - self.moving_mean))
+        ops.assign(self.moving_variance, self.moving_variance + rate * (stats[1] - self.moving_variance))
         return multiplier, bias
 
 

@@ -1,0 +1,39 @@
+"""Start a script on several devices (or CPU worker processes) of this machine through MindSpore's own launcher,
+msrun (dynamic cluster): one process per device, ranks agreed over a TCP port on loopback.
+
+    python src/launch.py --worker_num 8 --log_dir ./train train.py --run_distribute True --dataset_path ...
+Each rank's output goes to <log_dir>/worker_<rank>.log (msrun's naming).
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+
+def msrun_command(script, script_args, worker_num, master_port=8118, log_dir="./log"):
+    if shutil.which("msrun") is None:
+        raise FileNotFoundError("msrun not found on PATH: it comes with MindSpore (pip install -r requirements.txt)")
+    return ["msrun", f"--worker_num={worker_num}", f"--local_worker_num={worker_num}", "--master_addr=127.0.0.1",
+            f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True", script, *script_args]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker_num", type=int, required=True, help="processes (devices) to start")
+    parser.add_argument("--master_port", type=int, default=8118)
+    parser.add_argument("--log_dir", default="./log")
+    parser.add_argument("script")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.worker_num < 1:
+        parser.error(f"--worker_num must be at least 1, got {args.worker_num}")
+    if not os.path.isfile(args.script):
+        parser.error(f"script not found: {args.script}")
+    command = msrun_command(args.script, args.script_args, args.worker_num, args.master_port, args.log_dir)
+    print(" ".join(command), flush=True)
+    sys.exit(subprocess.call(command))
+
+
+if __name__ == "__main__":
+    main()
