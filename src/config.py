@@ -43,10 +43,13 @@ _COMMON = dict(
     skip_bad_images=False,
     seed=1,
     log_interval=1,           # steps between per-step log lines
+    # "float16": convolutions and the dense layer compute in FP16 (FP32 master weights; BN, fake quantization
+    # and observers stay FP32), with the loss scale keeping small gradients from underflowing.
+    compute_dtype="float32",
 )
 
-config_ascend = ed(dict(_COMMON, batch_size=192))
-config_gpu = ed(dict(_COMMON, batch_size=134))
+config_ascend = ed(dict(_COMMON, batch_size=192, compute_dtype="float16"))
+config_gpu = ed(dict(_COMMON, batch_size=134, compute_dtype="float16"))
 config_cpu = ed(dict(_COMMON, batch_size=32, num_parallel_workers=2))
 
 CONFIGS = {"Ascend": config_ascend, "GPU": config_gpu, "CPU": config_cpu}
@@ -99,6 +102,8 @@ def parse_args(description, add_script_args, argv=None):
 
 def validate(config):
     """The first problem with the config's values, or None."""
+    if config.compute_dtype not in ("float32", "float16"):
+        return f"--compute_dtype must be 'float32' or 'float16', got {config.compute_dtype!r}"
     if config.loss_scale_type not in ("fixed", "dynamic"):
         return f"--loss_scale_type must be 'fixed' or 'dynamic', got {config.loss_scale_type!r}"
     for key in ("weight_bits", "act_bits"):

@@ -1,6 +1,6 @@
 """The embedded demo dataset: small, deterministic, learnable images in the ImageNet folder layout.
 
-Ten classes: five textures (horizontal, vertical and diagonal stripes, checkerboard, blotches) in two colour
+Ten classes: five textures (horizontal, vertical and diagonal stripes, checkerboard, plain) in two colour
 families (warm, cool), with random frequency, phase, hue, brightness and pixel noise. Every crop of an image
 still shows its class, so the ImageNet training augmentation applies unchanged. Generated, never downloaded:
     python -m src.demo_data --output_path ./demo_data
@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-TEXTURES = ("hstripes", "vstripes", "checker", "diagonal", "blotches")
+TEXTURES = ("hstripes", "vstripes", "checker", "diagonal", "plain")
 PALETTES = ("warm", "cool")
 CLASS_NAMES = tuple(f"{t}_{p}" for t in TEXTURES for p in PALETTES)
 
@@ -29,9 +29,8 @@ def _texture(kind, size, rng):
         return np.sign(np.sin(freq * xx + phase) * np.sin(freq * yy + phase))
     if kind == "diagonal":  # either diagonal: a horizontal flip turns one into the other
         return np.sin(freq * (xx + rng.choice([-1, 1]) * yy) / np.sqrt(2) + phase)
-    # blotches: smooth random blobs (bilinearly enlarged noise), no straight edges
-    coarse = Image.fromarray(rng.standard_normal((6, 6)).astype(np.float32), mode="F")
-    return np.tanh(2 * np.asarray(coarse.resize((size, size), Image.BILINEAR)))
+    # plain: one colour, only the pixel noise added later
+    return np.full((size, size), rng.uniform(0.5, 1.0), np.float32)
 
 
 def _colour(palette, rng):

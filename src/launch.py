@@ -11,11 +11,14 @@ import subprocess
 import sys
 
 
-def msrun_command(script, script_args, worker_num, master_port=8118, log_dir="./log"):
+def msrun_command(script, script_args, worker_num, master_port=8118, log_dir="./log", rank_table_file=None):
     if shutil.which("msrun") is None:
         raise FileNotFoundError("msrun not found on PATH: it comes with MindSpore (pip install -r requirements.txt)")
-    return ["msrun", f"--worker_num={worker_num}", f"--local_worker_num={worker_num}", "--master_addr=127.0.0.1",
-            f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True", script, *script_args]
+    command = ["msrun", f"--worker_num={worker_num}", f"--local_worker_num={worker_num}", "--master_addr=127.0.0.1",
+               f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True"]
+    if rank_table_file:  # Ascend: HCCL takes the devices' addresses from the rank table
+        command.append(f"--rank_table_file={rank_table_file}")
+    return command + [script, *script_args]
 
 
 def main():
@@ -23,6 +26,7 @@ def main():
     parser.add_argument("--worker_num", type=int, required=True, help="processes (devices) to start")
     parser.add_argument("--master_port", type=int, default=8118)
     parser.add_argument("--log_dir", default="./log")
+    parser.add_argument("--rank_table_file", default=None, help="Ascend rank table (HCCL)")
     parser.add_argument("script")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -30,7 +34,10 @@ def main():
         parser.error(f"--worker_num must be at least 1, got {args.worker_num}")
     if not os.path.isfile(args.script):
         parser.error(f"script not found: {args.script}")
-    command = msrun_command(args.script, args.script_args, args.worker_num, args.master_port, args.log_dir)
+    if args.rank_table_file and not os.path.isfile(args.rank_table_file):
+        parser.error(f"rank table not found: {args.rank_table_file}")
+    command = msrun_command(args.script, args.script_args, args.worker_num, args.master_port, args.log_dir,
+                            args.rank_table_file)
     print(" ".join(command), flush=True)
     sys.exit(subprocess.call(command))
 

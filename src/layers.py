@@ -9,7 +9,25 @@ BN_MOMENTUM = 0.1  # weight of the new batch in the running statistics (PyTorch'
 BN_EPS = 1e-5
 
 
-class ConvBNAct(nn.Cell):
+class _MixedPrecision:
+    """`compute_dtype` float16 runs the convolution or matrix multiply in FP16 on FP16 copies of its input and
+    (FP32 master) weights, and casts the result back to FP32: BN, fake quantization and observers stay FP32."""
+    compute_dtype = ms.float32
+
+    def low_precision(self, op, x, weight):
+        if self.compute_dtype == ms.float32:
+            return op(x, weight)
+        return op(x.astype(self.compute_dtype), weight.astype(self.compute_dtype)).astype(ms.float32)
+
+
+def set_compute_dtype(network, dtype):
+    """Mixed precision for every convolution and dense layer of `network` (float16), or none (float32)."""
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, _MixedPrecision):
+            cell.compute_dtype = dtype
+
+
+class ConvBNAct(nn.Cell, _MixedPrecision):
     """Conv2d (no bias) + BatchNorm + optional ReLU6, with 'same' padding for odd kernels."""
 
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, activation=True):
@@ -32,12 +50,12 @@ class ConvBNAct(nn.Cell):
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
 
     def construct(self, x):
-        y = ops.batch_norm(self.conv(x, self.weight), self.moving_mean, self.moving_variance, self.gamma,
-                           self.beta, self.training, BN_MOMENTUM, BN_EPS)
+        y = ops.batch_norm(self.low_precision(self.conv, x, self.weight), self.moving_mean, self.moving_variance,
+                           self.gamma, self.beta, self.training, BN_MOMENTUM, BN_EPS)
         return ops.relu6(y) if self.activation else y
 
 
-class Dense(nn.Cell):
+class Dense(nn.Cell, _MixedPrecision):
     """y = x W^T + b."""
 
     def __init__(self, in_channels, out_channels):
@@ -47,7 +65,7 @@ class Dense(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
 
     def construct(self, x):
-        return self.matmul(x, self.weight) + self.bias
+        return self.low_precision(self.matmul, x, self.weight) + self.bias
 
 
 class Add(nn.Cell):

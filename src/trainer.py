@@ -10,6 +10,7 @@ from mindspore import nn, ops, Tensor
 
 from src import checkpoint
 from src.dataset import create_dataset, Epoch
+from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import network_from_config
 from src.quant.layers import quant_state_names
@@ -88,6 +89,7 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
     output_dir = output_dir or config.save_checkpoint_path
     ms.set_seed(config.seed)
     network = network_from_config(config, quantized, sync_group)
+    set_compute_dtype(network, getattr(ms, config.compute_dtype))
     probe = create_dataset(dataset_path, True, config, rank, group_size)
     steps_per_epoch = probe.num_images // config.batch_size
     if steps_per_epoch == 0:

@@ -34,3 +34,28 @@ def test_two_ranks_match_each_other_and_one_process_on_the_global_batch(float_ch
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
         # and they equal one process that saw the whole batch, to float summation order
         np.testing.assert_allclose(rank0[name], single[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, float_run, tmp_path):
+    """The users' entry points: 2 CPU ranks through msrun, per-rank logs, rank 0's checkpoint, then inference."""
+    train_path, val_path = demo_data
+    from conftest import tiny_argv
+    launched = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "CPU", "2", train_path,
+                               float_run, *tiny_argv(), "--start_epoch", "2", "--epoch_size", "1"],
+                              cwd=tmp_path, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    logs = [(tmp_path / "train" / "log" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
+    for log in logs:  # each rank trains on its half: 24 images, 3 batches of 8
+        assert "epoch: [  0/  1], step:[    2/    3], loss:[" in log
+    assert "effective config:" in logs[0] and "effective config:" not in logs[1]
+    checkpoints = os.listdir(tmp_path / "train" / "checkpoint")
+    assert checkpoints == ["mobilenetV2_quant-1_3.ckpt"]
+    inferred = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_infer_quant.sh"), "CPU", val_path,
+                               str(tmp_path / "train" / "checkpoint" / checkpoints[0]), *tiny_argv()],
+                              cwd=tmp_path, capture_output=True, text=True)
+    assert inferred.returncode == 0, inferred.stdout + inferred.stderr
+    assert inferred.stdout.startswith("result:{'acc': ") and "'images': 24" in inferred.stdout
+    usage = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "GPU", "zero", train_path],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert usage.returncode != 0 and "DEVICE_ID_LIST must look like 0,1,2,3" in usage.stdout
+    assert "bash run_train.sh [GPU] [DEVICE_ID_LIST]" in usage.stdout

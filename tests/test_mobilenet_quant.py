@@ -4,10 +4,12 @@ import numpy as np
 import mindspore as ms
 import pytest
 from easydict import EasyDict
+from mindspore import Tensor
 
 from conftest import BATCH, CLASSES, WIDTH, Forward, images
 from src import checkpoint
 from src.config import config_cpu
+from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import mobilenet_v2
 from src.quant.layers import quant_state_names
@@ -127,3 +129,21 @@ def test_float_checkpoint_mismatches_are_named(float_checkpoint, tmp_path):
     garbage.write_bytes(b"\x00not a checkpoint" * 20)
     with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint .*garbage.ckpt"):
         checkpoint.load_into(q_net, str(garbage))
+
+
+def test_mixed_precision_computes_convolutions_in_fp16_and_keeps_quantization_fp32(float_checkpoint):
+    net = quant_net(float_checkpoint)
+    config = EasyDict(dict(config_cpu, num_classes=CLASSES))
+    labels = Tensor(np.arange(BATCH) % CLASSES, ms.int32)
+    losses = {}
+    for dtype in (ms.float32, ms.float16):
+        net = quant_net(float_checkpoint)
+        set_compute_dtype(net, dtype)
+        train_cell = make_train_cell(net, make_optimizer(net, get_lr(0, 0, 0, 0.01, 0, 1, 4), config), config)
+        loss, overflow, _ = train_cell(images(1), labels)
+        losses[dtype] = float(loss.asnumpy())
+        assert not overflow.asnumpy()
+        assert all(p.dtype == ms.float32 for p in net.get_parameters())  # FP32 master weights and observers
+    # FP16 products: close to the FP32 step, and not the same computation
+    assert losses[ms.float16] == pytest.approx(losses[ms.float32], rel=2e-2)
+    assert losses[ms.float16] != losses[ms.float32]

@@ -7,7 +7,9 @@ import pytest
 from easydict import EasyDict
 
 import eval as eval_script
-from src import checkpoint
+from mindspore import nn, Tensor
+
+from src import checkpoint, trainer
 from src.config import config_cpu
 from src.trainer import train, TrainingError
 
@@ -15,7 +17,7 @@ from conftest import TINY, tiny_argv
 
 
 def tiny_config(**overrides):
-    return EasyDict(dict(config_cpu, **TINY, **overrides))
+    return EasyDict(dict(config_cpu, **dict(TINY, **overrides)))
 
 
 def _params(path):
@@ -68,10 +70,25 @@ def test_resume_continues_exactly(demo_data, float_run, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_non_finite_loss_stops_with_the_last_good_checkpoint(demo_data, float_run, tmp_path):
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(demo_data, float_run, tmp_path, monkeypatch):
+    """The loss of the 8th step (epoch 1, step 1) turns NaN, as after a diverging update."""
+    real_make_train_cell = trainer.make_train_cell
+
+    class DivergingTrainCell(nn.Cell):
+        def __init__(self, cell):
+            super().__init__(auto_prefix=False)  # saved with the real cell's Parameter names
+            self.cell, self.calls = cell, 0
+
+        def __call__(self, images, labels):
+            loss, overflow, scale = self.cell(images, labels)
+            self.calls += 1
+            return (Tensor(float("nan")) if self.calls == 8 else loss), overflow, scale
+
+    monkeypatch.setattr(trainer, "make_train_cell", lambda *args: DivergingTrainCell(real_make_train_cell(*args)))
     out = str(tmp_path / "nan")
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at epoch 1, step \d+: training stopped. The last good "
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 1, step 1: training stopped. The last good "
                                             r"checkpoint is .*mobilenetV2_float-1_6.ckpt"):
-        train(tiny_config(start_epoch=0, epoch_size=3, lr=1e30, warmup_epochs=1, label_smooth=0.0,
-                          save_checkpoint_path=out), demo_data[0], quantized=False, pretrained=float_run)
+        trainer.train(tiny_config(start_epoch=0, epoch_size=3, save_checkpoint_path=out), demo_data[0],
+                      quantized=False, pretrained=float_run)
+    assert os.listdir(out) == ["mobilenetV2_float-1_6.ckpt"]
     assert checkpoint.read(os.path.join(out, "mobilenetV2_float-1_6.ckpt"))[1]["epoch_num"] == 1

@@ -41,7 +41,7 @@ class QuantConvBNAct(ConvBNAct):
 
     def construct(self, x):
         folded_weight, folded_bias = self.fold()
-        y = self.conv(x, self.weight_quant(folded_weight))
+        y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
         if self.training:
             multiplier, bias = self._batch_statistics_correction(y, folded_bias)
             y = y * multiplier.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
@@ -82,7 +82,7 @@ class QuantDense(Dense):
         self.output_quant = activation_quantizer(config)
 
     def construct(self, x):
-        return self.output_quant(self.matmul(x, self.weight_quant(self.weight)) + self.bias)
+        return self.output_quant(self.low_precision(self.matmul, x, self.weight_quant(self.weight)) + self.bias)
 
 
 class QuantAdd(Add):

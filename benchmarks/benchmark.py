@@ -1,0 +1,246 @@
+"""Throughput and memory of the suite at full size (MobileNetV2 1.0, 224x224, 1000 classes) on this machine.
+
+    python benchmarks/benchmark.py [--batch_size 32] [--device_target CPU] [--output benchmark.json]
+
+Measures, each in a process of its own (so peak resident memory is per mode): float training, QAT training and
+QAT evaluation images/s (random inputs: compute only) with graph compile time; the data pipeline alone
+(decode + augment + batch) on generated JPEGs of ImageNet-like size; ONNX Runtime FP32 and INT8 images/s at the
+batch size and latency at batch 1. Warm-up steps are excluded; each figure is a median of several runs.
+Run by hand; not part of the test suite. --parts picks a subset.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PARTS = ("data", "float_train", "qat_train", "qat_eval", "onnx")
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median_rate(run, items, warmup, repeats):
+    """(items per second, seconds per run), median over `repeats` timed runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return items / median, median
+
+
+def _config(args):
+    from easydict import EasyDict
+    from src.config import CONFIGS
+    return EasyDict(dict(CONFIGS[args.device_target], num_classes=1000, width_mult=1.0, image_height=224,
+                         image_width=224, batch_size=args.batch_size))
+
+
+def _setup(args):
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(args.device_target)
+    ms.set_seed(0)
+    return ms
+
+
+def part_train(args, quantized):
+    ms = _setup(args)
+    from src.layers import set_compute_dtype
+    from src.lr_generator import get_lr
+    from src.mobilenetV2 import network_from_config
+    from src.quant.schedule import QuantSchedule
+    from src.trainer import make_optimizer, make_train_cell
+    config = _config(args)
+    network = network_from_config(config, quantized)
+    set_compute_dtype(network, getattr(ms, config.compute_dtype))
+    if quantized:  # the steady state of a QAT run: rounding on, BN not yet frozen, observers watching
+        QuantSchedule(quant_delay=0).apply(network, 0)
+    cell = make_train_cell(network, make_optimizer(network, get_lr(0, 0, 0, 0.01, 0, 1, 1000), config), config)
+    rng = np.random.default_rng(0)
+    images = ms.Tensor(rng.normal(0, 1, (args.batch_size, 3, 224, 224)).astype(np.float32))
+    labels = ms.Tensor(rng.integers(0, 1000, args.batch_size).astype(np.int32))
+    start = time.perf_counter()
+    cell(images, labels)[0].asnumpy()
+    compile_s = time.perf_counter() - start
+    rate, _ = _median_rate(lambda: cell(images, labels)[0].asnumpy(), args.batch_size, 1, args.repeats)
+    return {"images_per_s": rate, "compile_and_first_step_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+def part_qat_eval(args):
+    ms = _setup(args)
+    from src.mobilenetV2 import network_from_config
+    network = network_from_config(_config(args), quantized=True)
+    network.set_train(False)
+    images = ms.Tensor(np.random.default_rng(0).normal(0, 1, (args.batch_size, 3, 224, 224)).astype(np.float32))
+    start = time.perf_counter()
+    network(images).asnumpy()
+    compile_s = time.perf_counter() - start
+    rate, _ = _median_rate(lambda: network(images).asnumpy(), args.batch_size, 1, args.repeats)
+    return {"images_per_s": rate, "compile_and_first_step_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _write_jpegs(root, classes=8, per_class=64):
+    """ImageNet-like JPEGs (about 500x375, smooth content with noise, quality 90)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            coarse = rng.uniform(0, 255, (12, 16, 3)).astype(np.uint8)
+            image = np.asarray(Image.fromarray(coarse).resize((500, 375), Image.BILINEAR), np.float32)
+            image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(image).save(os.path.join(root, f"class{c}", f"{i}.JPEG"), quality=90)
+    return classes * per_class
+
+
+def part_data(args):
+    _setup(args)
+    from src.dataset import Epoch, create_dataset
+    config = _config(args)
+    with tempfile.TemporaryDirectory() as root:
+        count = _write_jpegs(root)
+        config.num_classes = 8
+
+        def one_epoch():
+            for _ in Epoch(create_dataset(root, True, config)):
+                pass
+        rate, _ = _median_rate(one_epoch, count, 1, args.repeats)
+    return {"images_per_s": rate, "workers": config.num_parallel_workers}
+
+
+def part_onnx(args):
+    ms = _setup(args)
+    import onnxruntime as ort
+    from src.export import freeze_ranges
+    from src.mobilenetV2 import network_from_config
+    from src.onnx_export import export_onnx
+    from src.quant.schedule import QuantSchedule
+    config = _config(args)
+    rng = np.random.default_rng(0)
+    batch = rng.normal(0, 1, (args.batch_size, 3, 224, 224)).astype(np.float32)
+    single = batch[:1]
+    results = {}
+    with tempfile.TemporaryDirectory() as out:
+        float_net = network_from_config(config, quantized=False)
+        float_net.set_train(False)
+        for size, x in ((args.batch_size, batch), (1, single)):
+            ms.export(float_net, ms.Tensor(x), file_name=os.path.join(out, f"fp32_b{size}"), file_format="ONNX")
+        q_net = network_from_config(config, quantized=True)
+        QuantSchedule(quant_delay=0, freeze_bn=0).apply(q_net, 0)
+        q_net.set_train(True)
+        q_net(ms.Tensor(batch))  # the observers see one batch, so the ranges are realistic
+        freeze_ranges(q_net, 224, 224)
+        export_onnx(q_net, os.path.join(out, "int8.onnx"), 224, 224)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count()
+        models = {"fp32": (os.path.join(out, f"fp32_b{args.batch_size}.onnx"), os.path.join(out, "fp32_b1.onnx")),
+                  "int8": (os.path.join(out, "int8.onnx"), os.path.join(out, "int8.onnx"))}
+        for name, (batch_model, single_model) in models.items():
+            session = ort.InferenceSession(batch_model, options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: batch}
+            rate, _ = _median_rate(lambda: session.run(None, feed), args.batch_size, 2, args.repeats)
+            session = ort.InferenceSession(single_model, options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: single}
+            _, latency = _median_rate(lambda: session.run(None, feed), 1, 5, 5 * args.repeats)
+            results[name] = {"images_per_s": rate, "latency_ms_batch1": 1000 * latency}
+    results["int8_over_fp32"] = results["int8"]["images_per_s"] / results["fp32"]["images_per_s"]
+    return results
+
+
+def run_part(args):
+    if args.part == "data":
+        return part_data(args)
+    if args.part in ("float_train", "qat_train"):
+        return part_train(args, quantized=args.part == "qat_train")
+    if args.part == "qat_eval":
+        return part_qat_eval(args)
+    return part_onnx(args)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device_target", default="CPU", choices=("CPU", "GPU", "Ascend"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median taken)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--output", default="benchmark.json")
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: one part, in a child process
+    args = parser.parse_args()
+    if args.part:
+        print("RESULT " + json.dumps(run_part(args)), flush=True)
+        return
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    results = {"machine": {"cpus": os.cpu_count(), "device_target": args.device_target},
+               "batch_size": args.batch_size}
+    for part in parts:
+        print(f"running {part} ...", flush=True)
+        child = subprocess.run([sys.executable, __file__, "--part", part, "--batch_size", str(args.batch_size),
+                                "--device_target", args.device_target, "--repeats", str(args.repeats)],
+                               capture_output=True, text=True)
+        lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
+        if child.returncode != 0 or not lines:
+            results[part] = {"error": (child.stderr or child.stdout)[-2000:]}
+            print(f"  {part} failed:\n{results[part]['error']}")
+            continue
+        results[part] = json.loads(lines[-1][len("RESULT "):])
+        print(f"  {results[part]}", flush=True)
+    if "float_train" in results and "qat_train" in results and "error" not in results["float_train"] \
+            and "error" not in results["qat_train"]:
+        results["qat_over_float_train"] = results["qat_train"]["images_per_s"] / results["float_train"]["images_per_s"]
+    if "data" in results and "qat_train" in results and "error" not in results["data"] \
+            and "error" not in results["qat_train"]:
+        results["data_over_qat_train"] = results["data"]["images_per_s"] / results["qat_train"]["images_per_s"]
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(format_table(results))
+    print(f"written: {args.output}")
+
+
+def format_table(results):
+    rows = []
+
+    def row(name, part, key, unit):
+        value = results.get(part, {}).get(key) if isinstance(results.get(part), dict) else None
+        rows.append(f"| {name} | {'failed' if value is None else f'{value:.1f} {unit}'} |")
+    row("float training", "float_train", "images_per_s", "img/s")
+    row("QAT training", "qat_train", "images_per_s", "img/s")
+    row("QAT evaluation", "qat_eval", "images_per_s", "img/s")
+    row("data pipeline (decode + augment + batch)", "data", "images_per_s", "img/s")
+    row("float training peak memory", "float_train", "peak_rss_mb", "MB")
+    row("QAT training peak memory", "qat_train", "peak_rss_mb", "MB")
+    row("float training compile + first step", "float_train", "compile_and_first_step_s", "s")
+    row("QAT training compile + first step", "qat_train", "compile_and_first_step_s", "s")
+    onnx = results.get("onnx", {})
+    for name in ("fp32", "int8"):
+        stats = onnx.get(name, {})
+        rows.append(f"| ONNX Runtime {name.upper()}, batch {results['batch_size']} | "
+                    f"{stats.get('images_per_s', float('nan')):.1f} img/s |")
+        rows.append(f"| ONNX Runtime {name.upper()}, batch 1 latency | {stats.get('latency_ms_batch1', float('nan')):.1f} ms |")
+    for key, label in (("qat_over_float_train", "QAT / float training throughput"),
+                       ("data_over_qat_train", "data pipeline / QAT training throughput")):
+        if key in results:
+            rows.append(f"| {label} | {results[key]:.2f}x |")
+    if "int8_over_fp32" in onnx:
+        rows.append(f"| ONNX INT8 / FP32 throughput | {onnx['int8_over_fp32']:.2f}x |")
+    return "| measure | value |\n|---|---|\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
