@@ -4,7 +4,7 @@ from mindspore import ops
 from mindspore.communication import get_group_size
 
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, BN_EPS
-from src.quant.observers import _flag
+from src.quant.observers import switch_parameter
 from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantizer
 
 
@@ -24,7 +24,7 @@ class QuantConvBNAct(ConvBNAct):
         super().__init__(in_channels, out_channels, kernel_size, stride, groups, activation)
         self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         self.output_quant = activation_quantizer(config)
-        self.bn_frozen = _flag("bn_frozen", 0.0)
+        self.bn_frozen = switch_parameter("bn_frozen", 0.0)
         # Data parallel: every rank moves its running statistics by the mean of all ranks' batch statistics, so
         # the folded weights (and the checkpoint rank 0 writes) are the same on every rank.
         self.stats_all_reduce = ops.AllReduce(group=config.sync_group) if config.sync_group else None

@@ -11,7 +11,7 @@ from mindspore import nn, ops, Parameter, Tensor
 SCALE_EPS = float(np.finfo(np.float32).eps)
 
 
-def _flag(name, value):
+def switch_parameter(name, value):
     return Parameter(Tensor(value, ms.float32), name=name, requires_grad=False)
 
 
@@ -47,8 +47,8 @@ class MovingAverageMinMaxObserver(nn.Cell):
         self.ema_decay = float(ema_decay)
         self.min_val = Parameter(Tensor(0.0, ms.float32), name="min_val", requires_grad=False)
         self.max_val = Parameter(Tensor(0.0, ms.float32), name="max_val", requires_grad=False)
-        self.initialized = _flag("initialized", 0.0)
-        self.enabled = _flag("enabled", 1.0)
+        self.initialized = switch_parameter("initialized", 0.0)
+        self.enabled = switch_parameter("enabled", 1.0)
         self.all_gather = ops.AllGather(group=sync_group) if sync_group else None
 
     def construct(self, x):
@@ -92,7 +92,7 @@ class PerChannelAbsMaxObserver(nn.Cell):
         self.broadcast_shape = tuple(shape[a] if a == channel_axis else 1 for a in range(ndim))
         self.max_abs = Parameter(Tensor(np.zeros(self.broadcast_shape, np.float32)), name="max_abs",
                                  requires_grad=False)
-        self.enabled = _flag("enabled", 1.0)
+        self.enabled = switch_parameter("enabled", 1.0)
 
     def construct(self, w):
         current = ops.amax(ops.abs(ops.stop_gradient(w)), self.reduce_axes, keepdims=True)

@@ -10,7 +10,7 @@ from typing import Optional
 from mindspore import nn
 
 from src.quant.fake_quant import FakeQuantize, quant_range
-from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver, _flag
+from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver, switch_parameter
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Quantizer(nn.Cell):
         super().__init__()
         self.observer = observer
         self.fake_quant = FakeQuantize(qmin, qmax)
-        self.quant_enabled = _flag("quant_enabled", 1.0)
+        self.quant_enabled = switch_parameter("quant_enabled", 1.0)
         self.qmin, self.qmax = qmin, qmax
 
     def construct(self, x):
