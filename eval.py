@@ -51,7 +51,10 @@ def exported_predictor(path):
         raise checkpoint.CheckpointError(f"{path}: an exported model must end in {' or '.join(EXPORTED)}")
     if not os.path.isfile(path):
         raise checkpoint.CheckpointError(f"exported model not found: {path}")
-    return EXPORTED[extension](path)
+    try:
+        return EXPORTED[extension](path)
+    except Exception as err:  # ONNX Runtime and MindSpore raise their own types for unreadable files
+        raise checkpoint.CheckpointError(f"cannot load exported model {path}: {err}") from None
 
 
 def main(argv=None):

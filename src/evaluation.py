@@ -3,7 +3,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from src.dataset import Epoch
+from src.dataset import DatasetError, Epoch
 
 
 def network_predictor(network, batch_size):
@@ -28,13 +28,17 @@ def evaluate(predict, data):
         ranked = np.argsort(-logits, axis=1)[:, :5]
         top1 += int(np.sum(ranked[:, 0] == labels))
         top5 += int(np.sum(np.any(ranked == labels[:, None], axis=1)))
-    count = epoch.images_seen
-    if count == 0:
-        raise ValueError(f"no image could be read from {data.source_path}")
+    count = _images_scored(epoch)
     result = {"acc": top1 / count, "top5": top5 / count, "images": count}
     if epoch.images_skipped:
         result["skipped"] = epoch.images_skipped
     return result
+
+
+def _images_scored(epoch):
+    if epoch.images_seen == 0:
+        raise DatasetError(f"no image could be read from {epoch.data.source_path}")
+    return epoch.images_seen
 
 
 def onnx_predictor(path):
@@ -64,6 +68,6 @@ def parity(predict_a, predict_b, data, output_step):
         correct_b += int(np.sum(top_b == labels))
         agree += int(np.sum(top_a == top_b))
         largest = max(largest, float(np.abs(a - b).max()) / output_step)
-    count = epoch.images_seen
+    count = _images_scored(epoch)
     return {"acc_a": correct_a / count, "acc_b": correct_b / count, "top1_agreement": agree / count,
             "max_logit_diff_steps": largest, "images": count}

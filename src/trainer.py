@@ -99,7 +99,7 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
                 config.start_epoch + config.epoch_size, steps_per_epoch)
     train_cell = make_train_cell(network, make_optimizer(network, lr, config), config)
 
-    first_epoch, step = 0, 0
+    first_epoch, step, last_saved = 0, 0, None
     if resume:
         if resume == "latest":
             found = list_checkpoints(output_dir, quantized)
@@ -110,7 +110,7 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
         if meta["network_kind"] != checkpoint.network_kind(network):
             raise TrainingError(f"--resume {resume} holds a {meta['network_kind']} network, this run trains a "
                                 f"{checkpoint.network_kind(network)} one")
-        first_epoch, step = meta["epoch_num"], meta["step_num"]
+        first_epoch, step, last_saved = meta["epoch_num"], meta["step_num"], resume
         log(f"resumed from {resume}: epoch {first_epoch}, global step {step}")
     elif pretrained:
         allow = quant_state_names(network) if quantized else ()
@@ -124,7 +124,6 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
         f"peaking at {config.lr}")
     schedule = quant_schedule(config, steps_per_epoch) if quantized else None
     monitor = Monitor(config.epoch_size, steps_per_epoch, config.log_interval, log)
-    last_saved = None
     os.makedirs(output_dir, exist_ok=True)
     for epoch in range(first_epoch, config.epoch_size):
         epoch_data = Epoch(create_dataset(dataset_path, True, config, rank, group_size, epoch=epoch))

@@ -61,6 +61,7 @@ def test_deployed_models_agree_with_the_simulated_one(exported, demo_data, capsy
 
 
 def test_wrong_export_requests_fail_clearly(exported, float_run, tmp_path):
+    """AIR off Ascend, the wrong kind of checkpoint, an unreadable exported model."""
     checkpoint_path, _ = exported
     with pytest.raises(SystemExit, match="AIR export needs the Ascend backend .* export MINDIR .* or ONNX"):
         export_script.main(["--ckpt_file", checkpoint_path, "--file_format", "AIR", "--file_name",
@@ -69,3 +70,7 @@ def test_wrong_export_requests_fail_clearly(exported, float_run, tmp_path):
         export_script.main(["--ckpt_file", float_run, "--file_format", "ONNX", "--file_name", str(tmp_path / "m"),
                             *tiny_argv()])
     assert not os.listdir(tmp_path)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(SystemExit, match="cannot load exported model .*broken.onnx"):
+        eval_script.main(["--dataset_path", "unused", "--checkpoint_path", str(broken), *tiny_argv()])
