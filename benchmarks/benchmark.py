@@ -5,7 +5,9 @@
 Measures, each in a process of its own (so peak resident memory is per mode): float training, QAT training and
 QAT evaluation images/s (random inputs: compute only) with graph compile time; the data pipeline alone
 (decode + augment + batch) on generated JPEGs of ImageNet-like size; ONNX Runtime FP32 and INT8 images/s at the
-batch size and latency at batch 1. Warm-up steps are excluded; each figure is a median of several runs.
+batch size and latency at batch 1; and, when the interpreter given by --peer_python has PyTorch, the peer
+(benchmarks/peer_pytorch.py: PyTorch eager QAT of the same network, its converted INT8 model) with our/peer
+ratios. Warm-up steps are excluded; each figure is a median of several runs.
 Run by hand; not part of the test suite. --parts picks a subset.
 """
 import argparse
@@ -22,7 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PARTS = ("data", "float_train", "qat_train", "qat_eval", "onnx")
+PARTS = ("data", "float_train", "qat_train", "qat_eval", "onnx", "peer")
 
 
 def _peak_rss_mb():
@@ -178,6 +180,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median taken)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--output", default="benchmark.json")
+    parser.add_argument("--peer_python", default=sys.executable,
+                        help="a Python with PyTorch for the peer part (PyTorch is not a dependency of this project)")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: one part, in a child process
     args = parser.parse_args()
     if args.part:
@@ -191,8 +195,14 @@ def main():
                "batch_size": args.batch_size}
     for part in parts:
         print(f"running {part} ...", flush=True)
-        child = subprocess.run([sys.executable, __file__, "--part", part, "--batch_size", str(args.batch_size),
-                                "--device_target", args.device_target, "--repeats", str(args.repeats)],
+        if part == "peer":
+            if subprocess.run([args.peer_python, "-c", "import torch"], capture_output=True).returncode != 0:
+                print(f"  skipped: no PyTorch in {args.peer_python} (see --peer_python)")
+                continue
+            command = [args.peer_python, os.path.join(ROOT, "benchmarks", "peer_pytorch.py")]
+        else:
+            command = [sys.executable, __file__, "--part", part, "--device_target", args.device_target]
+        child = subprocess.run(command + ["--batch_size", str(args.batch_size), "--repeats", str(args.repeats)],
                                capture_output=True, text=True)
         lines = [l for l in child.stdout.splitlines() if l.startswith("RESULT ")]
         if child.returncode != 0 or not lines:
@@ -207,6 +217,9 @@ def main():
     if "data" in results and "qat_train" in results and "error" not in results["data"] \
             and "error" not in results["qat_train"]:
         results["data_over_qat_train"] = results["data"]["images_per_s"] / results["qat_train"]["images_per_s"]
+    ours, peer = results.get("qat_train", {}), results.get("peer", {})
+    if "images_per_s" in ours and "qat_train_images_per_s" in peer:
+        results["qat_train_over_peer"] = ours["images_per_s"] / peer["qat_train_images_per_s"]
     with open(args.output, "w") as f:
         json.dump(results, f, indent=2)
     print(format_table(results))
@@ -239,6 +252,14 @@ def format_table(results):
             rows.append(f"| {label} | {results[key]:.2f}x |")
     if "int8_over_fp32" in onnx:
         rows.append(f"| ONNX INT8 / FP32 throughput | {onnx['int8_over_fp32']:.2f}x |")
+    peer = results.get("peer", {})
+    for key, label in (("float_train_images_per_s", "PyTorch float training"),
+                       ("qat_train_images_per_s", "PyTorch eager QAT training"),
+                       ("int8_infer_images_per_s", "PyTorch converted INT8 inference")):
+        if key in peer:
+            rows.append(f"| {label} | {peer[key]:.1f} img/s |")
+    if "qat_train_over_peer" in results:
+        rows.append(f"| our QAT / PyTorch eager QAT training | {results['qat_train_over_peer']:.2f}x |")
     return "| measure | value |\n|---|---|\n" + "\n".join(rows)
 
 
