@@ -17,7 +17,7 @@ class ExportError(ValueError):
 def freeze_ranges(network, image_height, image_width):
     """Fix every quantization range as inference uses it: one inference pass sets the weight ranges of the
     current weights (as evaluation does), then all observers stop, so the exported graph holds constants."""
-    network.set_train(False)
+    network.set_train(False)  # weight ranges as evaluation computes them; activation ranges left as trained
     network(Tensor(np.zeros((1, 3, image_height, image_width), np.float32)))
     set_switches(network, OBSERVERS, "enabled", False)
 
@@ -27,10 +27,11 @@ def export(network, file_name, file_format, batch_size, image_height, image_widt
     if file_format == "AIR" and device_target != "Ascend":
         raise ExportError(f"AIR export needs the Ascend backend (--device_target Ascend on an Ascend machine); on "
                           f"{device_target} export MINDIR for MindSpore or ONNX for ONNX Runtime instead")
-    if getattr(network, "quantized", False):
-        freeze_ranges(network, image_height, image_width)
+    quantized = getattr(network, "quantized", False)
     network.set_train(False)
-    if file_format == "ONNX" and getattr(network, "quantized", False):
+    if quantized:
+        freeze_ranges(network, image_height, image_width)
+    if file_format == "ONNX" and quantized:
         path = file_name + ".onnx"
         export_onnx(network, path, image_height, image_width)
         return path
