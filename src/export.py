@@ -4,6 +4,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
+from src.kernels import use_mindspore_ops
 from src.onnx_export import export_onnx
 from src.quant.schedule import OBSERVERS, set_switches
 
@@ -39,5 +40,6 @@ def export(network, file_name, file_format, batch_size, image_height, image_widt
         example = Tensor(np.zeros((batch_size, 3, image_height, image_width), np.float32))
     else:
         example = Tensor(shape=[None, 3, image_height, image_width], dtype=ms.float32)  # any batch size
+    use_mindspore_ops(network)
     ms.export(network, example, file_name=file_name, file_format=file_format)
     return f"{file_name}.{file_format.lower()}"

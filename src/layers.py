@@ -5,6 +5,8 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, HeNormal, Normal
 
+from src.kernels import convolution, stock_convolution
+
 BN_MOMENTUM = 0.1  # weight of the new batch in the running statistics (PyTorch's convention, as ops.batch_norm)
 BN_EPS = 1e-5
 
@@ -42,12 +44,13 @@ class ConvBNAct(nn.Cell, _MixedPrecision):
                                      requires_grad=False)
         self.moving_variance = Parameter(initializer("ones", (out_channels,), ms.float32),
                                          name="moving_variance", requires_grad=False)
-        # A tuple kernel size: an int one breaks MindSpore's ONNX export.
-        self.conv = ops.Conv2D(out_channels, (kernel_size, kernel_size), pad_mode="pad", pad=padding,
-                               stride=stride, group=groups)
+        self.conv = convolution(out_channels, kernel_size, stride, padding, groups)
         self.activation = activation
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
+
+    def use_mindspore_ops(self):
+        self.conv = stock_convolution(self.out_channels, self.kernel_size, self.stride, self.padding, self.groups)
 
     def construct(self, x):
         y = ops.batch_norm(self.low_precision(self.conv, x, self.weight), self.moving_mean, self.moving_variance,

@@ -1,6 +1,7 @@
 """Worker for the data-parallel test: a few QAT steps of a tiny MobileNetV2 on a fixed global batch, either in
 one process (--single) or as one of the ranks msrun started (each rank takes its slice of the batch).
-Writes every Parameter of the network to <out>/<rank or 'single'>.npz."""
+Writes every Parameter of the network to <out>/<rank or 'single'>.npz; ranks then take one more step with BN
+statistics moving and write every Parameter again to <out>/rank<rank>_bn_moving.npz."""
 import argparse
 import os
 import sys
@@ -16,8 +17,8 @@ from src import checkpoint  # noqa: E402
 from src.config import config_cpu  # noqa: E402
 from src.lr_generator import get_lr  # noqa: E402
 from src.mobilenetV2 import network_from_config  # noqa: E402
-from src.quant.layers import quant_state_names  # noqa: E402
-from src.quant.schedule import QuantSchedule  # noqa: E402
+from src.quant.layers import QuantConvBNAct, quant_state_names  # noqa: E402
+from src.quant.schedule import QuantSchedule, set_switches  # noqa: E402
 from src.trainer import make_optimizer, make_train_cell  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -36,7 +37,7 @@ def main():
     ms.set_seed(0)
     network = network_from_config(config, quantized=True, sync_group=group)
     checkpoint.load_into(network, args.pre_trained, allow_missing=quant_state_names(network))
-    train_cell = make_train_cell(network, make_optimizer(network, get_lr(0, 0, 0, 0.05, 0, 1, STEPS), config),
+    train_cell = make_train_cell(network, make_optimizer(network, get_lr(0, 0, 0, 0.05, 0, 1, STEPS + 1), config),
                                  config)
     if args.single:
         np.savez(os.path.join(args.out, "start.npz"), **{p.name: p.asnumpy() for p in network.get_parameters()})
@@ -44,13 +45,22 @@ def main():
     QuantSchedule(quant_delay=0, freeze_bn=0).apply(network, 0)
     rng = np.random.default_rng(7)
     per_rank = GLOBAL_BATCH // group_size
-    for _ in range(STEPS):
+
+    def step():
         images = rng.normal(0, 1, (GLOBAL_BATCH, 3, 16, 16)).astype(np.float32)
         labels = rng.integers(0, 5, GLOBAL_BATCH).astype(np.int32)
         part = slice(rank * per_rank, (rank + 1) * per_rank)
         train_cell(ms.Tensor(images[part]), ms.Tensor(labels[part]))
-    name = "single" if args.single else f"rank{rank}"
-    np.savez(os.path.join(args.out, name + ".npz"), **{p.name: p.asnumpy() for p in network.get_parameters()})
+
+    def save(name):
+        np.savez(os.path.join(args.out, name + ".npz"), **{p.name: p.asnumpy() for p in network.get_parameters()})
+    for _ in range(STEPS):
+        step()
+    save("single" if args.single else f"rank{rank}")
+    if not args.single:
+        set_switches(network, QuantConvBNAct, "bn_frozen", False)
+        step()
+        save(f"rank{rank}_bn_moving")
 
 
 if __name__ == "__main__":

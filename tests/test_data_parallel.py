@@ -34,6 +34,11 @@ def test_two_ranks_match_each_other_and_one_process_on_the_global_batch(float_ch
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
         # and they equal one process that saw the whole batch, to float summation order
         np.testing.assert_allclose(rank0[name], single[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # with BN statistics moving, each rank's batch statistics differ; the running ones must still agree
+    rank0, rank1 = (np.load(os.path.join(out, f"rank{rank}_bn_moving.npz")) for rank in (0, 1))
+    assert not np.array_equal(rank0["features.0.moving_mean"], single["features.0.moving_mean"])
+    for name in rank0.files:
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
 
 
 def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, float_run, tmp_path):

@@ -1,10 +1,12 @@
-"""The quantization mechanism against NumPy references of the same arithmetic, in GRAPH mode."""
+"""The quantization mechanism against NumPy references of the same arithmetic, in GRAPH mode. Per-tensor fake
+quantization and the min/max observer are tested both ways they run: our CPU kernels and MindSpore ops."""
 import numpy as np
 import mindspore as ms
 import pytest
 from mindspore import nn, ops, Tensor
 
 from src.layers import ConvBNAct, BN_EPS
+from src.quant import fake_quant, observers
 from src.quant.fake_quant import FakeQuantize, quant_range
 from src.quant.layers import QuantConvBNAct
 from src.quant.observers import asymmetric_qparams, MovingAverageMinMaxObserver, PerChannelAbsMaxObserver
@@ -12,6 +14,20 @@ from src.quant.quantizer import QuantConfig, weight_quantizer
 from src.quant.schedule import QuantSchedule
 
 f32 = np.float32
+
+
+@pytest.fixture(params=["cpu_kernels", "mindspore_ops"])
+def implementation(request, monkeypatch):
+    if request.param == "mindspore_ops":
+        for module in (fake_quant, observers):
+            monkeypatch.setattr(module, "cpu_kernel_library", lambda: None)
+    return request.param
+
+
+def per_tensor_fake_quant(qmin, qmax, implementation):
+    quantizer = FakeQuantize(qmin, qmax, per_tensor=True)
+    assert (quantizer.kernels is not None) == (implementation == "cpu_kernels")
+    return quantizer
 
 
 def reference_fake_quant(x, scale, zero_point, qmin, qmax):
@@ -36,7 +52,7 @@ def test_quant_range():
 
 @pytest.mark.parametrize("num_bits,signed,narrow", [(8, False, False), (8, True, True), (4, True, False),
                                                     (2, False, True), (7, True, True)])
-def test_fake_quant_matches_numpy_exactly(num_bits, signed, narrow):
+def test_fake_quant_matches_numpy_exactly(num_bits, signed, narrow, implementation):
     qmin, qmax = quant_range(num_bits, signed, narrow)
     rng = np.random.default_rng(num_bits)
     scale, zero_point = f32(0.05), f32(0 if signed else qmin + 3)
@@ -44,23 +60,24 @@ def test_fake_quant_matches_numpy_exactly(num_bits, signed, narrow):
     ties = ((np.arange(qmin - 3, qmax + 3) - zero_point + 0.5) * scale).astype(f32)
     edges = ((np.array([qmin, qmax, qmin - 1, qmax + 1]) - zero_point) * scale).astype(f32)
     x = np.concatenate([rng.normal(0, 3, 500).astype(f32), ties, edges, [f32(1e6), f32(-1e6)]])
-    got = FakeQuantize(qmin, qmax)(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(1))).asnumpy()
+    quantizer = per_tensor_fake_quant(qmin, qmax, implementation)
+    got = quantizer(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(1))).asnumpy()
     want = reference_fake_quant(x, scale, zero_point, qmin, qmax)
     np.testing.assert_array_equal(got, want)
     assert got.min() >= (qmin - zero_point) * scale - 1e-6 and got.max() <= (qmax - zero_point) * scale + 1e-6
     # disabled: the identity
-    off = FakeQuantize(qmin, qmax)(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(0))).asnumpy()
+    off = quantizer(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(0))).asnumpy()
     np.testing.assert_array_equal(off, x)
 
 
-def test_rounding_ties_go_to_even():
+def test_rounding_ties_go_to_even(implementation):
     x = np.array([0.5, 1.5, 2.5, -0.5, -1.5], f32)
-    got = FakeQuantize(-128, 127)(Tensor(x), Tensor(f32(1)), Tensor(f32(0)), Tensor(f32(1))).asnumpy()
+    got = per_tensor_fake_quant(-128, 127, implementation)(Tensor(x), Tensor(f32(1)), Tensor(f32(0)), Tensor(f32(1))).asnumpy()
     np.testing.assert_array_equal(got, [0, 2, 2, 0, -2])
 
 
 @pytest.mark.parametrize("lo,hi", [(2.0, 5.0), (-3.0, -1.0), (-0.7, 6.3), (0.0, 0.0)])
-def test_asymmetric_qparams_hold_zero_exactly(lo, hi):
+def test_asymmetric_qparams_hold_zero_exactly(lo, hi, implementation):
     """Ranges that do not contain zero are widened to it, and the nudged zero point makes 0.0 exact."""
     qmin, qmax = 0, 255
     scale, zero_point = (t.asnumpy() for t in asymmetric_qparams(Tensor(f32(lo)), Tensor(f32(hi)), qmin, qmax))
@@ -68,7 +85,8 @@ def test_asymmetric_qparams_hold_zero_exactly(lo, hi):
     assert scale == want_scale and zero_point == want_zp
     assert zero_point == np.round(zero_point) and qmin <= zero_point <= qmax
     x = np.array([0.0, lo, hi, (lo + hi) / 2], f32)
-    got = FakeQuantize(qmin, qmax)(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(1))).asnumpy()
+    got = per_tensor_fake_quant(qmin, qmax, implementation)(Tensor(x), Tensor(scale), Tensor(zero_point),
+                                                            Tensor(f32(1))).asnumpy()
     assert got[0] == 0.0
     np.testing.assert_array_equal(got, reference_fake_quant(x, scale, zero_point, qmin, qmax))
     # the representable range still covers [lo, hi] to within one step
@@ -117,11 +135,11 @@ class _GradOfSum(nn.Cell):
         return self.grad(self.sum_of)(x, scale, zero_point, enabled)
 
 
-def test_straight_through_gradient_is_one_inside_zero_outside():
+def test_straight_through_gradient_is_one_inside_zero_outside(implementation):
     qmin, qmax = 0, 255
     scale, zero_point = f32(0.1), f32(100)  # representable range [-10.0, 15.5]
     x = np.array([-20.0, -10.04, -9.9, 0.0, 3.33, 15.5, 15.54, 15.56, 40.0], f32)
-    grad = _GradOfSum(FakeQuantize(qmin, qmax))
+    grad = _GradOfSum(per_tensor_fake_quant(qmin, qmax, implementation))
     got = grad(Tensor(x), Tensor(scale), Tensor(zero_point), Tensor(f32(1))).asnumpy()
     np.testing.assert_array_equal(got, [0, 1, 1, 1, 1, 1, 1, 0, 0])
     # before the quantization delay ends the quantizer is the identity, and so is its gradient
@@ -138,8 +156,9 @@ class _Train(nn.Cell):
         return self.cell(x)
 
 
-def test_moving_average_observer_initialises_then_averages_then_freezes():
+def test_moving_average_observer_initialises_then_averages_then_freezes(implementation):
     observer = MovingAverageMinMaxObserver(0, 255, ema_decay=0.9)
+    assert (observer.min_max is not None) == (implementation == "cpu_kernels")
     observer.set_train(True)
     run = _Train(observer)
     run.set_train(True)

@@ -4,7 +4,10 @@ It holds no range of its own: the scale and zero point come from an observer (ob
 range tracking can be tested and changed apart. Built from ordinary MindSpore ops so it runs in GRAPH mode on
 CPU, GPU and Ascend alike (the fused FakeQuantPerLayer primitives have no CPU kernel).
 """
-from mindspore import nn, ops
+import numpy as np
+from mindspore import nn, ops, Tensor
+
+from src.kernels import cpu_kernel_library, fake_quant_per_tensor_ops
 
 
 def quant_range(num_bits, signed, narrow_range=False):
@@ -33,25 +36,39 @@ class FakeQuantize(nn.Cell):
 
     The gradient is straight-through inside the clamped range and zero outside it; scale and zero point get
     none (they come from min/max observers, not from learning). A custom bprop keeps only x for backward.
+
+    `per_tensor` (scalar scale and zero point) lets the CPU use the one-pass kernels of src/kernels, which give
+    the same bits as the ops below.
     """
 
-    def __init__(self, qmin, qmax):
+    def __init__(self, qmin, qmax, per_tensor=False):
         super().__init__()
         self.qmin = float(qmin)
         self.qmax = float(qmax)
+        library = cpu_kernel_library() if per_tensor else None
+        self.kernels = fake_quant_per_tensor_ops(library) if library else None
+        self.qrange = Tensor(np.array([qmin, qmax], np.float32))
+
+    def use_mindspore_ops(self):
+        self.kernels = None
 
     def construct(self, x, scale, zero_point, enabled):
         # A branch, not a select or a blend: x + 1 * (dq - x) is not exactly dq in floating point, and a select
         # keeps one more full-size tensor per quantized activation (measured: 19% of QAT training memory).
         if enabled > 0.5:
+            if self.kernels is not None:
+                return self.kernels[0](x, scale.reshape(1), zero_point.reshape(1), self.qrange)
             q = ops.clip_by_value(ops.round(x / scale) + zero_point, self.qmin, self.qmax)
             return (q - zero_point) * scale
         return x
 
     def bprop(self, x, scale, zero_point, enabled, out, dout):
+        no_grads = ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(enabled)
+        if enabled < 0.5:  # y = x
+            return (dout,) + no_grads
+        if self.kernels is not None:
+            return (self.kernels[1](dout, x, scale.reshape(1), zero_point.reshape(1), self.qrange),) + no_grads
         # In range exactly where the forward clamp left the rounded value alone.
         q = ops.round(x / scale) + zero_point
-        # 1 inside the range; outside it 0 when rounding is on, 1 when it is off (y = x).
-        passes = ops.logical_or(ops.logical_and(q >= self.qmin, q <= self.qmax), enabled < 0.5)
-        grad = dout * passes.astype(dout.dtype)
-        return grad, ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(enabled)
+        passes = ops.logical_and(q >= self.qmin, q <= self.qmax)
+        return (dout * passes.astype(dout.dtype),) + no_grads

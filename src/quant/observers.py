@@ -7,6 +7,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
+from src.kernels import cpu_kernel_library, min_max_op
+
 # The smallest scale allowed: a constant (e.g. all-zero) tensor must not divide by zero.
 SCALE_EPS = float(np.finfo(np.float32).eps)
 
@@ -50,11 +52,19 @@ class MovingAverageMinMaxObserver(nn.Cell):
         self.initialized = switch_parameter("initialized", 0.0)
         self.enabled = switch_parameter("enabled", 1.0)
         self.all_gather = ops.AllGather(group=sync_group) if sync_group else None
+        library = cpu_kernel_library()
+        self.min_max = min_max_op(library) if library else None  # one pass instead of two reductions
+
+    def use_mindspore_ops(self):
+        self.min_max = None
 
     def construct(self, x):
         if self.training:
             x = ops.stop_gradient(x)
-            batch = ops.stack([ops.reduce_min(x), ops.reduce_max(x)])
+            if self.min_max is not None:
+                batch = self.min_max(x)
+            else:
+                batch = ops.stack([ops.reduce_min(x), ops.reduce_max(x)])
             if self.all_gather is not None:
                 # CPU collectives only sum; gathering [min, max] from every rank then reducing works everywhere.
                 gathered = self.all_gather(batch.reshape(1, 2))

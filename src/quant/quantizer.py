@@ -25,10 +25,10 @@ class QuantConfig:
 class Quantizer(nn.Cell):
     """Observes x, then fake-quantizes it with the observed range while `quant_enabled` is 1."""
 
-    def __init__(self, observer, qmin, qmax):
+    def __init__(self, observer, qmin, qmax, per_tensor):
         super().__init__()
         self.observer = observer
-        self.fake_quant = FakeQuantize(qmin, qmax)
+        self.fake_quant = FakeQuantize(qmin, qmax, per_tensor)
         self.quant_enabled = switch_parameter("quant_enabled", 1.0)
         self.qmin, self.qmax = qmin, qmax
 
@@ -40,9 +40,10 @@ class Quantizer(nn.Cell):
 
 def activation_quantizer(config):
     qmin, qmax = quant_range(config.act_bits, signed=False)
-    return Quantizer(MovingAverageMinMaxObserver(qmin, qmax, config.ema_decay, config.sync_group), qmin, qmax)
+    return Quantizer(MovingAverageMinMaxObserver(qmin, qmax, config.ema_decay, config.sync_group), qmin, qmax,
+                     per_tensor=True)
 
 
 def weight_quantizer(config, shape, channel_axis=0):
     qmin, qmax = quant_range(config.weight_bits, signed=True, narrow_range=True)
-    return Quantizer(PerChannelAbsMaxObserver(qmax, shape, channel_axis), qmin, qmax)
+    return Quantizer(PerChannelAbsMaxObserver(qmax, shape, channel_axis), qmin, qmax, per_tensor=False)

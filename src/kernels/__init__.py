@@ -1,0 +1,137 @@
+"""CPU kernels of our own, run as MindSpore custom "aot" operators with their own gradients, where MindSpore's
+CPU kernels were the bottleneck of a training step (measured; see README, Performance):
+
+- direct_conv.cc: convolutions larger than 1x1. MindSpore's CPU Conv2D gives oneDNN plain NCHW tensors, and
+  oneDNN then runs depthwise and other non-1x1 convolutions with its reference implementation: 90% of a float
+  MobileNetV2 training step. 1x1 convolutions take oneDNN's fast path and stay as they are.
+- fake_quant.cc: per-tensor fake quantization and min/max observation in one pass each.
+
+On GPU and Ascend, and on CPU without a C++ compiler (a warning says so), the same computations run as
+MindSpore ops. The C++ sources are compiled with the machine's g++ on first use into a per-user cache.
+"""
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops, Tensor
+
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name) for name in ("direct_conv.cc",
+                                                                                     "fake_quant.cc")]
+COMPILE = ["g++", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_library_path = None  # compiled once per process: path, or "" when compiling failed
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def cpu_kernel_library():
+    """Path of the compiled kernels when running on CPU, else None; None too if they cannot be compiled here
+    (the reason is given as a warning). The cache key includes the CPU model: the library is built for the
+    machine's instruction set."""
+    global _library_path
+    if ms.get_context("device_target") != "CPU":
+        return None
+    if _library_path is None:
+        key = hashlib.sha256(" ".join(COMPILE).encode() + _cpu_model().encode())
+        for name in SOURCES:
+            with open(name, "rb") as source:
+                key.update(source.read())
+        cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mobilenetv2_quant")
+        path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
+        if not os.path.exists(path):
+            os.makedirs(cache, exist_ok=True)
+            # Built under a temporary name and renamed: data-parallel workers may compile at the same time.
+            fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
+            os.close(fd)
+            try:
+                subprocess.run(COMPILE + ["-o", partial] + SOURCES, check=True, capture_output=True, text=True)
+                os.replace(partial, path)
+            except (OSError, subprocess.CalledProcessError) as error:
+                os.remove(partial)
+                details = getattr(error, "stderr", "") or str(error)
+                warnings.warn(f"could not compile the CPU kernels in {os.path.dirname(SOURCES[0])} "
+                              f"({details.strip()}); using MindSpore's ops instead, several times slower for depthwise convolutions and "
+                              f"fake quantization. Install g++ to fix this.")
+                path = ""
+        _library_path = path
+    return _library_path or None
+
+
+def use_mindspore_ops(network):
+    """Replaces our kernels by MindSpore ops in every cell of `network` that has them (method
+    `use_mindspore_ops`): an exported graph must not depend on this machine's compiled library. Takes effect in
+    graphs compiled afterwards."""
+    for _, cell in network.cells_and_names():
+        if hasattr(cell, "use_mindspore_ops"):
+            cell.use_mindspore_ops()
+
+
+def _shape_of(index):
+    """Output shape function of a custom operator: the shape of its input `index`."""
+    return lambda *shapes: list(shapes[index])
+
+
+def _output_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class DirectConv2D(nn.Cell):
+    """Grouped NCHW float32 convolution y = conv(x, weight) as a custom CPU operator, called like ops.Conv2D.
+    Inputs of another float type are computed in float32 and the result cast back."""
+
+    def __init__(self, library, stride, padding):
+        super().__init__()
+        self.geometry = Tensor(np.array([stride, padding], np.int32))
+
+        def output_shape(x, weight, _):
+            return [x[0], weight[0], _output_size(x[2], weight[2], stride, padding),
+                    _output_size(x[3], weight[3], stride, padding)]
+
+        input_grad = ops.Custom(f"{library}:DirectConvInputGrad", _shape_of(2), ms.float32, "aot")
+        weight_grad = ops.Custom(f"{library}:DirectConvWeightGrad", _shape_of(2), ms.float32, "aot")
+
+        def bprop(x, weight, geometry, out, dout):
+            return input_grad(dout, weight, x, geometry), weight_grad(dout, x, weight, geometry), \
+                ops.zeros_like(geometry)
+
+        self.forward = ops.Custom(f"{library}:DirectConv", output_shape, ms.float32, "aot", bprop=bprop)
+
+    def construct(self, x, weight):
+        return self.forward(x.astype(ms.float32), weight.astype(ms.float32), self.geometry).astype(x.dtype)
+
+
+def stock_convolution(out_channels, kernel_size, stride, padding, groups):
+    """MindSpore's Conv2D, which every backend and exported graph knows. Called as op(x, weight)."""
+    # A tuple kernel size: an int one breaks MindSpore's ONNX export.
+    return ops.Conv2D(out_channels, (kernel_size, kernel_size), pad_mode="pad", pad=padding, stride=stride,
+                      group=groups)
+
+
+def convolution(out_channels, kernel_size, stride, padding, groups):
+    """The fastest convolution operator for one layer on the current device target, called as op(x, weight)
+    with weight (out, in/groups, k, k)."""
+    library = cpu_kernel_library() if kernel_size > 1 else None
+    if library:
+        return DirectConv2D(library, stride, padding)
+    return stock_convolution(out_channels, kernel_size, stride, padding, groups)
+
+
+def fake_quant_per_tensor_ops(library):
+    """(forward, gradient) custom operators: forward(x, scale, zero_point, qrange) -> y and
+    gradient(dy, x, scale, zero_point, qrange) -> dx, with qrange float32 [qmin, qmax]; see fake_quant.cc."""
+    return (ops.Custom(f"{library}:FakeQuantPerTensor", _shape_of(0), ms.float32, "aot"),
+            ops.Custom(f"{library}:FakeQuantPerTensorGrad", _shape_of(1), ms.float32, "aot"))
+
+
+def min_max_op(library):
+    """Custom operator x -> float32 [min(x), max(x)] in one pass."""
+    return ops.Custom(f"{library}:MinMax", lambda _: [2], ms.float32, "aot")

@@ -1,0 +1,117 @@
+"""Our CPU kernels (src/kernels) against MindSpore's own ops, in GRAPH mode: values and gradients."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn, ops, Tensor
+
+from src.kernels import DirectConv2D, cpu_kernel_library, min_max_op, stock_convolution, use_mindspore_ops
+from src.mobilenetV2 import mobilenet_v2
+from src.quant.quantizer import QuantConfig
+from src.quant.schedule import QuantSchedule
+
+f32 = np.float32
+
+
+@pytest.fixture(scope="module")
+def library():
+    path = cpu_kernel_library()
+    assert path, "the CPU kernels did not compile (see the warning): the fast CPU path is not being tested"
+    return path
+
+
+class _Apply(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, x, weight):
+        return self.op(x, weight)
+
+
+class _Grads(nn.Cell):
+    """(dx, dweight) of sum(sens * op(x, weight))."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.convolve = _Apply(op)
+        self.grad = ops.GradOperation(get_all=True, sens_param=True)
+
+    def construct(self, x, weight, sens):
+        return self.grad(self.convolve)(x, weight, sens)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,size,kernel,stride,groups", [
+    (3, 8, 17, 3, 2, 1),    # the stem: dense 3x3, stride 2, odd size
+    (8, 8, 12, 3, 1, 8),    # depthwise
+    (8, 8, 13, 3, 2, 8),    # depthwise, stride 2, odd size
+    (6, 4, 9, 3, 2, 2),     # grouped, two channels per group
+    (4, 8, 7, 3, 1, 4),     # depthwise with channel multiplier 2
+    (5, 5, 11, 5, 1, 5),    # 5x5
+], ids=["stem", "depthwise", "depthwise-s2", "grouped", "multiplier", "5x5"])
+def test_direct_convolution_matches_conv2d(library, in_channels, out_channels, size, kernel, stride, groups):
+    rng = np.random.default_rng(0)
+    padding = (kernel - 1) // 2
+    x = Tensor(rng.normal(0, 1, (3, in_channels, size, size)).astype(f32))
+    weight = Tensor(rng.normal(0, 1, (out_channels, in_channels // groups, kernel, kernel)).astype(f32))
+    stock = stock_convolution(out_channels, kernel, stride, padding, groups)
+    ours = DirectConv2D(library, stride, padding)
+    want, got = _Apply(stock)(x, weight).asnumpy(), _Apply(ours)(x, weight).asnumpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    sens = Tensor(rng.normal(0, 1, want.shape).astype(f32))
+    for got_grad, want_grad in zip(_Grads(ours)(x, weight, sens), _Grads(stock)(x, weight, sens)):
+        assert got_grad.shape == want_grad.shape
+        np.testing.assert_allclose(got_grad.asnumpy(), want_grad.asnumpy(), rtol=1e-4, atol=1e-4)
+
+
+class _Train(nn.Cell):
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def construct(self, x):
+        return self.network(x)
+
+
+def test_network_on_our_kernels_equals_network_on_mindspore_ops(library):
+    """The kernels are used where they should be, and `use_mindspore_ops` (export) swaps them all out without
+    changing what the network computes, in training (observers, BN statistics) and in evaluation."""
+    networks = []
+    for _ in range(2):
+        ms.set_seed(3)
+        networks.append(mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig()))
+    ours, stock = networks
+    use_mindspore_ops(stock)
+    stem, first_pointwise = ours.features[0], ours.features[1].conv[1]
+    assert isinstance(stem.conv, DirectConv2D) and isinstance(first_pointwise.conv, ops.Conv2D)
+    assert ours.input_quant.fake_quant.kernels is not None and ours.input_quant.observer.min_max is not None
+    assert isinstance(stock.features[0].conv, ops.Conv2D) and stock.input_quant.fake_quant.kernels is None
+    assert stock.input_quant.observer.min_max is None
+    x = Tensor(np.random.default_rng(1).normal(0, 1, (4, 3, 32, 32)).astype(f32))
+    outputs = []
+    for network in networks:
+        QuantSchedule(quant_delay=0).apply(network, 0)
+        train = _Train(network)
+        train.set_train(True)
+        in_training = train(x).asnumpy()
+        network.set_train(False)
+        outputs.append((in_training, network(x).asnumpy(), {p.name: p.asnumpy() for p in network.get_parameters()}))
+    (ours_train, ours_eval, ours_state), (stock_train, stock_eval, stock_state) = outputs
+    np.testing.assert_allclose(ours_train, stock_train, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours_eval, stock_eval, rtol=1e-4, atol=1e-4)
+    for name, value in ours_state.items():  # observed ranges and running statistics
+        np.testing.assert_allclose(value, stock_state[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_min_max_in_one_pass(library):
+    x = np.random.default_rng(2).normal(0, 3, (4, 5, 6, 7)).astype(f32)
+    x[1, 2, 3, 4], x[3, 4, 5, 6] = -50.0, 60.0
+
+    class MinMax(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = min_max_op(library)
+
+        def construct(self, value):
+            return self.op(value)
+    np.testing.assert_array_equal(MinMax()(Tensor(x)).asnumpy(), [-50.0, 60.0])
