@@ -128,6 +128,7 @@ def part_onnx(args):
     ms = _setup(args)
     import onnxruntime as ort
     from src.export import freeze_ranges
+    from src.kernels import use_mindspore_ops
     from src.mobilenetV2 import network_from_config
     from src.onnx_export import export_onnx
     from src.quant.schedule import QuantSchedule
@@ -139,6 +140,7 @@ def part_onnx(args):
     with tempfile.TemporaryDirectory() as out:
         float_net = network_from_config(config, quantized=False)
         float_net.set_train(False)
+        use_mindspore_ops(float_net)  # ONNX Runtime cannot run our CPU kernels
         for size, x in ((args.batch_size, batch), (1, single)):
             ms.export(float_net, ms.Tensor(x), file_name=os.path.join(out, f"fp32_b{size}"), file_format="ONNX")
         q_net = network_from_config(config, quantized=True)
