@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops, Tensor
 
+import src.kernels as kernels
 from src.kernels import DirectConv2D, cpu_kernel_library, min_max_op, stock_convolution, use_mindspore_ops
 from src.mobilenetV2 import mobilenet_v2
 from src.quant.quantizer import QuantConfig
@@ -115,3 +116,14 @@ def test_min_max_in_one_pass(library):
         def construct(self, value):
             return self.op(value)
     np.testing.assert_array_equal(MinMax()(Tensor(x)).asnumpy(), [-50.0, 60.0])
+
+
+def test_without_a_compiler_the_network_runs_on_mindspore_ops_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing compiled there yet
+    monkeypatch.setattr(kernels, "COMPILE", ["no-such-compiler-here"] + kernels.COMPILE[1:])
+    monkeypatch.setattr(kernels, "_library_path", None)
+    with pytest.warns(UserWarning, match="could not compile the CPU kernels.*no-such-compiler-here.*Install g"):
+        assert cpu_kernel_library() is None
+    network = mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig())
+    assert isinstance(network.features[0].conv, ops.Conv2D) and network.input_quant.fake_quant.kernels is None
+    assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind

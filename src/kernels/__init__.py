@@ -33,6 +33,19 @@ def _cpu_model():
         return ""
 
 
+def _compile(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Built under a temporary name and renamed: data-parallel workers may compile at the same time.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        subprocess.run(COMPILE + ["-o", partial] + SOURCES, check=True, capture_output=True, text=True)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
 def cpu_kernel_library():
     """Path of the compiled kernels when running on CPU, else None; None too if they cannot be compiled here
     (the reason is given as a warning). The cache key includes the CPU model: the library is built for the
@@ -48,19 +61,13 @@ def cpu_kernel_library():
         cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mobilenetv2_quant")
         path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
         if not os.path.exists(path):
-            os.makedirs(cache, exist_ok=True)
-            # Built under a temporary name and renamed: data-parallel workers may compile at the same time.
-            fd, partial = tempfile.mkstemp(suffix=".so", dir=cache)
-            os.close(fd)
             try:
-                subprocess.run(COMPILE + ["-o", partial] + SOURCES, check=True, capture_output=True, text=True)
-                os.replace(partial, path)
+                _compile(path)
             except (OSError, subprocess.CalledProcessError) as error:
-                os.remove(partial)
                 details = getattr(error, "stderr", "") or str(error)
                 warnings.warn(f"could not compile the CPU kernels in {os.path.dirname(SOURCES[0])} "
-                              f"({details.strip()}); using MindSpore's ops instead, several times slower for depthwise convolutions and "
-                              f"fake quantization. Install g++ to fix this.")
+                              f"({details.strip()}); using MindSpore's ops instead, several times slower for "
+                              f"depthwise convolutions and fake quantization. Install g++ to fix this.")
                 path = ""
         _library_path = path
     return _library_path or None
