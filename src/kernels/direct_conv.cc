@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -169,35 +170,41 @@ extern "C" int DirectConvWeightGrad(int nparam, void **params, int *ndims, int64
   float *dw = static_cast<float *>(params[4]);
   const int64_t x_plane = c.x.h * c.x.w, y_plane = c.y.h * c.y.w;
   const int64_t filters = c.y.c * c.cin_per_group;
+  const int64_t taps = c.kh * c.kw;
 #pragma omp parallel for schedule(static)
   for (int64_t f = 0; f < filters; ++f) {
     const int64_t co = f / c.cin_per_group, ci = f % c.cin_per_group, group = co / c.cout_per_group;
-    for (int64_t i = 0; i < c.kh; ++i) {
-      int64_t oh_lo, oh_hi;
-      c.valid(i, c.x.h, c.y.h, &oh_lo, &oh_hi);
-      for (int64_t j = 0; j < c.kw; ++j) {
-        int64_t ow_lo, ow_hi;
-        c.valid(j, c.x.w, c.y.w, &ow_lo, &ow_hi);
-        double total = 0.0;  // sums N * H * W products: rows in float, the total in double
-        for (int64_t n = 0; n < c.x.n; ++n) {
-          const float *in = x + (n * c.x.c + group * c.cin_per_group + ci) * x_plane;
-          const float *dout = dy + (n * c.y.c + co) * y_plane;
+    // One row of partial sums per tap, added to column by column (vector adds, no horizontal sum per row);
+    // images outermost so each image's two planes stay in cache for all taps.
+    std::vector<float> partial(taps * c.y.w, 0.0f);
+    for (int64_t n = 0; n < c.x.n; ++n) {
+      const float *in = x + (n * c.x.c + group * c.cin_per_group + ci) * x_plane;
+      const float *dout = dy + (n * c.y.c + co) * y_plane;
+      for (int64_t i = 0; i < c.kh; ++i) {
+        int64_t oh_lo, oh_hi;
+        c.valid(i, c.x.h, c.y.h, &oh_lo, &oh_hi);
+        for (int64_t j = 0; j < c.kw; ++j) {
+          int64_t ow_lo, ow_hi;
+          c.valid(j, c.x.w, c.y.w, &ow_lo, &ow_hi);
+          float *sums = partial.data() + (i * c.kw + j) * c.y.w;
           for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
             const float *in_row = in + (oh * c.stride - c.pad + i) * c.x.w - c.pad + j;
             const float *dout_row = dout + oh * c.y.w;
-            float row = 0.0f;
             if (c.stride == 1) {
-#pragma omp simd reduction(+ : row)
-              for (int64_t ow = ow_lo; ow < ow_hi; ++ow) row += dout_row[ow] * in_row[ow];
+#pragma omp simd
+              for (int64_t ow = ow_lo; ow < ow_hi; ++ow) sums[ow] += dout_row[ow] * in_row[ow];
             } else {
-#pragma omp simd reduction(+ : row)
-              for (int64_t ow = ow_lo; ow < ow_hi; ++ow) row += dout_row[ow] * in_row[ow * c.stride];
+#pragma omp simd
+              for (int64_t ow = ow_lo; ow < ow_hi; ++ow) sums[ow] += dout_row[ow] * in_row[ow * c.stride];
             }
-            total += row;
           }
         }
-        dw[f * c.kh * c.kw + i * c.kw + j] = static_cast<float>(total);
       }
+    }
+    for (int64_t t = 0; t < taps; ++t) {
+      double total = 0.0;  // each column summed N * H products in float; the columns are added in double
+      for (int64_t ow = 0; ow < c.y.w; ++ow) total += partial[t * c.y.w + ow];
+      dw[f * taps + t] = static_cast<float>(total);
     }
   }
   return 0;
