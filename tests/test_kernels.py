@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops, Tensor
 
+from conftest import Forward
 import src.kernels as kernels
 from src.kernels import DirectConv2D, cpu_kernel_library, min_max_op, stock_convolution, use_mindspore_ops
 from src.mobilenetV2 import mobilenet_v2
@@ -65,15 +66,6 @@ def test_direct_convolution_matches_conv2d(library, in_channels, out_channels, s
         np.testing.assert_allclose(got_grad.asnumpy(), want_grad.asnumpy(), rtol=1e-4, atol=1e-4)
 
 
-class _Train(nn.Cell):
-    def __init__(self, network):
-        super().__init__()
-        self.network = network
-
-    def construct(self, x):
-        return self.network(x)
-
-
 def test_network_on_our_kernels_equals_network_on_mindspore_ops(library):
     """The kernels are used where they should be, and `use_mindspore_ops` (export) swaps them all out without
     changing what the network computes, in training (observers, BN statistics) and in evaluation."""
@@ -92,7 +84,7 @@ def test_network_on_our_kernels_equals_network_on_mindspore_ops(library):
     outputs = []
     for network in networks:
         QuantSchedule(quant_delay=0).apply(network, 0)
-        train = _Train(network)
+        train = Forward(network)
         train.set_train(True)
         in_training = train(x).asnumpy()
         network.set_train(False)

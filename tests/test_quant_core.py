@@ -5,6 +5,7 @@ import mindspore as ms
 import pytest
 from mindspore import nn, ops, Tensor
 
+from conftest import Forward
 from src.layers import ConvBNAct, BN_EPS
 from src.quant import fake_quant, observers
 from src.quant.fake_quant import FakeQuantize, quant_range
@@ -147,20 +148,11 @@ def test_straight_through_gradient_is_one_inside_zero_outside(implementation):
     np.testing.assert_array_equal(off, np.ones_like(x))
 
 
-class _Train(nn.Cell):
-    def __init__(self, cell):
-        super().__init__()
-        self.cell = cell
-
-    def construct(self, x):
-        return self.cell(x)
-
-
 def test_moving_average_observer_initialises_then_averages_then_freezes(implementation):
     observer = MovingAverageMinMaxObserver(0, 255, ema_decay=0.9)
     assert (observer.min_max is not None) == (implementation == "cpu_kernels")
     observer.set_train(True)
-    run = _Train(observer)
+    run = Forward(observer)
     run.set_train(True)
     run(Tensor(np.array([-1.0, 2.0], f32)))
     assert observer.min_val.asnumpy() == pytest.approx(-1.0) and observer.max_val.asnumpy() == pytest.approx(2.0)
@@ -201,13 +193,13 @@ def test_folded_conv_bn_matches_conv_then_bn(groups):
     quant_layer.bn_frozen.set_data(Tensor(f32(1)))
     float_layer.set_train(False)
     want = float_layer(x).asnumpy()
-    trained = _Train(quant_layer)
+    trained = Forward(quant_layer)
     trained.set_train(True)
     np.testing.assert_allclose(trained(x).asnumpy(), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(quant_layer.moving_mean.asnumpy(), float_layer.moving_mean.asnumpy())
     # BN not frozen: batch statistics, as BN in training mode, and the running statistics move alike
     quant_layer.bn_frozen.set_data(Tensor(f32(0)))
-    float_train = _Train(float_layer)
+    float_train = Forward(float_layer)
     float_train.set_train(True)
     np.testing.assert_allclose(trained(x).asnumpy(), float_train(x).asnumpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(quant_layer.moving_mean.asnumpy(), float_layer.moving_mean.asnumpy(), rtol=1e-5,

@@ -28,23 +28,32 @@ bool float32_inputs(int nparam, const char **dtypes) {
 }
 
 // Checks that params[x] and params[out] have the same element count and the quantization parameters one each.
-bool per_tensor(int nparam, int *ndims, int64_t **shapes, int x, int scale, int out) {
+bool per_tensor(int *ndims, int64_t **shapes, int x, int scale, int out) {
   const int64_t count = element_count(ndims[x], shapes[x]);
   return element_count(ndims[out], shapes[out]) == count && element_count(ndims[scale], shapes[scale]) == 1 &&
          element_count(ndims[scale + 1], shapes[scale + 1]) == 1 &&
          element_count(ndims[scale + 2], shapes[scale + 2]) == 2;
 }
 
+struct QParams {
+  float scale, zero_point, qmin, qmax;
+};
+
+// The inputs scale, zero_point and range = {qmin, qmax}, starting at params[first].
+QParams read_qparams(void **params, int first) {
+  const float *range = static_cast<const float *>(params[first + 2]);
+  return QParams{*static_cast<const float *>(params[first]), *static_cast<const float *>(params[first + 1]),
+                 range[0], range[1]};
+}
+
 }  // namespace
 
 extern "C" int FakeQuantPerTensor(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                   void *stream, void *extra) {
-  if (nparam != 5 || !float32_inputs(nparam, dtypes) || !per_tensor(nparam, ndims, shapes, 0, 1, 4)) return 1;
+  if (nparam != 5 || !float32_inputs(nparam, dtypes) || !per_tensor(ndims, shapes, 0, 1, 4)) return 1;
   const float *x = static_cast<const float *>(params[0]);
-  const float scale = *static_cast<const float *>(params[1]);
-  const float zero_point = *static_cast<const float *>(params[2]);
-  const float *range = static_cast<const float *>(params[3]);
-  const float qmin = range[0], qmax = range[1];
+  const QParams qp = read_qparams(params, 1);
+  const float scale = qp.scale, zero_point = qp.zero_point, qmin = qp.qmin, qmax = qp.qmax;
   float *y = static_cast<float *>(params[4]);
   const int64_t count = element_count(ndims[0], shapes[0]);
 #pragma omp parallel for simd schedule(static)
@@ -58,16 +67,14 @@ extern "C" int FakeQuantPerTensor(int nparam, void **params, int *ndims, int64_t
 
 extern "C" int FakeQuantPerTensorGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                       void *stream, void *extra) {
-  if (nparam != 6 || !float32_inputs(nparam, dtypes) || !per_tensor(nparam, ndims, shapes, 1, 2, 5) ||
+  if (nparam != 6 || !float32_inputs(nparam, dtypes) || !per_tensor(ndims, shapes, 1, 2, 5) ||
       element_count(ndims[0], shapes[0]) != element_count(ndims[1], shapes[1])) {
     return 1;
   }
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
-  const float scale = *static_cast<const float *>(params[2]);
-  const float zero_point = *static_cast<const float *>(params[3]);
-  const float *range = static_cast<const float *>(params[4]);
-  const float qmin = range[0], qmax = range[1];
+  const QParams qp = read_qparams(params, 2);
+  const float scale = qp.scale, zero_point = qp.zero_point, qmin = qp.qmin, qmax = qp.qmax;
   float *dx = static_cast<float *>(params[5]);
   const int64_t count = element_count(ndims[0], shapes[0]);
 #pragma omp parallel for simd schedule(static)
