@@ -1,5 +1,6 @@
-"""The whole story on the embedded demo dataset, on CPU: float training, QAT from that checkpoint, evaluation
-of both, INT8 ONNX export and its parity with the QAT checkpoint, and a float vs QAT vs deployed table.
+"""The whole story on the embedded demo dataset, on CPU: float training; post-training quantization (calibration
+only) and QAT from that checkpoint; evaluation of all three; INT8 ONNX export of the QAT model and its parity with
+the QAT checkpoint; and a float vs PTQ vs QAT vs deployed table.
 
     python demo.py [--output_path ./demo_run]
 Each stage runs the same entry points a user runs (train.py, eval.py); their command lines are printed.
@@ -31,13 +32,15 @@ def main():
     args = parser.parse_args()
     start = time.time()
     train_path, val_path = generate(os.path.join(args.output_path, "data"))
-    float_dir, qat_dir = (os.path.join(args.output_path, name) for name in ("float", "qat"))
+    float_dir, ptq_dir, qat_dir = (os.path.join(args.output_path, name) for name in ("float", "ptq", "qat"))
 
     # QAT continues the float run's warm-up + cosine schedule: its lr is the tail, from about 0.0025 down to 0.
     schedule = ["--warmup_epochs", "2", "--lr", "0.05", "--keep_checkpoint_max", "2"]
     float_ckpt = run(train_script, ["--mode", "float", "--dataset_path", train_path, *DEMO_CONFIG, *schedule,
                                     "--start_epoch", "0", "--epoch_size", str(args.float_epochs),
                                     "--save_checkpoint_path", float_dir])
+    ptq_ckpt = run(train_script, ["--mode", "ptq", "--dataset_path", train_path, "--pre_trained", float_ckpt,
+                                  *DEMO_CONFIG, "--calibration_batches", "10", "--save_checkpoint_path", ptq_dir])
     qat_ckpt = run(train_script, ["--dataset_path", train_path, "--pre_trained", float_ckpt, *DEMO_CONFIG, *schedule,
                                   "--start_epoch", str(args.float_epochs), "--epoch_size", str(args.qat_epochs),
                                   "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 2),
@@ -45,18 +48,19 @@ def main():
                                   "--save_checkpoint_path", qat_dir])
     onnx_model = run(export_script, ["--ckpt_file", qat_ckpt, "--file_format", "ONNX", *DEMO_CONFIG,
                                      "--file_name", os.path.join(args.output_path, "mobilenetv2_demo_int8")])
-    float_result, qat_result, deployed = (
+    float_result, ptq_result, qat_result, deployed = (
         run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", model, *DEMO_CONFIG])
-        for model in (float_ckpt, qat_ckpt, onnx_model))
+        for model in (float_ckpt, ptq_ckpt, qat_ckpt, onnx_model))
     parity = run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", qat_ckpt,
                                    "--parity_with", onnx_model, *DEMO_CONFIG])
 
     print("\n| model | top-1 | top-5 |\n|---|---|---|")
-    for name, result in (("float (MindSpore)", float_result), ("QAT, simulated INT8 (MindSpore)", qat_result),
-                         ("QAT, INT8 ONNX (ONNX Runtime)", deployed)):
+    for name, result in (("float (MindSpore)", float_result), ("PTQ, calibration only, simulated INT8", ptq_result),
+                         ("QAT, simulated INT8 (MindSpore)", qat_result), ("QAT, INT8 ONNX (ONNX Runtime)", deployed)):
         print(f"| {name} | {100 * result['acc']:.2f}% | {100 * result['top5']:.2f}% |")
     print(f"\n{float_result['images']} validation images; QAT vs float: "
-          f"{100 * (qat_result['acc'] - float_result['acc']):+.2f} points; simulated vs deployed top-1 agreement "
+          f"{100 * (qat_result['acc'] - float_result['acc']):+.2f} points, PTQ vs float: "
+          f"{100 * (ptq_result['acc'] - float_result['acc']):+.2f} points; simulated vs deployed top-1 agreement "
           f"{100 * parity['top1_agreement']:.2f}%, largest logit difference {parity['max_logit_diff_steps']:.2f} "
           f"output quantization steps")
     print(f"demo finished in {(time.time() - start) / 60:.1f} min")

@@ -32,12 +32,13 @@ def add_args(parser):
 
 
 def load_network(path, config, expected_kind=None):
-    """The network a checkpoint holds, with its weights; config gets the checkpoint's classes and width."""
+    """The network a checkpoint holds, with its weights; config gets the checkpoint's classes, width and (for a
+    quantized one) bit widths."""
     _, meta = checkpoint.read(path)
     kind = meta["network_kind"]
     if expected_kind and kind != expected_kind:
         raise checkpoint.CheckpointError(f"--network {expected_kind} given, but {path} holds a {kind} network")
-    for key in ("num_classes", "width_mult"):
+    for key in checkpoint.NETWORK_KEYS:
         if key in meta:
             config[key] = type(config[key])(meta[key])
     network = network_from_config(config, quantized=kind == checkpoint.QUANT)

@@ -1,7 +1,9 @@
-"""Train MobileNetV2: quantization-aware training from a float checkpoint (the default), or float training.
+"""Train MobileNetV2: quantization-aware training from a float checkpoint (the default), float training, or
+post-training quantization (calibration only, the baseline QAT is measured against).
 
     python train.py --device_target CPU --dataset_path ~/imagenet/train --pre_trained mobilenetV2_float.ckpt
     python train.py --mode float --dataset_path ~/imagenet/train --start_epoch 0 --epoch_size 200
+    python train.py --mode ptq --dataset_path ~/imagenet/train --pre_trained mobilenetV2_float.ckpt
 Any config key (src/config.py) can be overridden: --batch_size 64 --lr 0.05 ...
 """
 import sys
@@ -12,13 +14,16 @@ from mindspore.communication import GlobalComm, get_group_size, get_rank, init
 from src.config import parse_args, print_config
 from src.dataset import DatasetError
 from src.checkpoint import CheckpointError
-from src.trainer import train, TrainingError
+from src.trainer import calibrate, train, TrainingError
 
 
 def add_args(parser):
     parser.add_argument("--dataset_path", required=True, help="training images, one folder per class")
-    parser.add_argument("--mode", choices=("qat", "float"), default="qat")
-    parser.add_argument("--pre_trained", default=None, help="float checkpoint to start QAT (or float training) from")
+    parser.add_argument("--mode", choices=("qat", "float", "ptq"), default="qat",
+                        help="qat: quantization-aware training; float: float training; ptq: calibrate the observers "
+                             "of --pre_trained on --calibration_batches batches, no training")
+    parser.add_argument("--pre_trained", default=None,
+                        help="float checkpoint to start QAT, PTQ (required) or float training from")
     parser.add_argument("--reinit_classifier", action="store_true",
                         help="start from --pre_trained even if its classifier has another number of classes")
     parser.add_argument("--resume", default=None,
@@ -42,13 +47,19 @@ def main(argv=None):
     args, config = parse_args(__doc__, add_args, argv)
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(args.device_target)
+    if args.mode == "ptq" and (args.pre_trained is None or args.resume or args.run_distribute):
+        sys.exit("error: --mode ptq calibrates the float checkpoint --pre_trained on one device: give "
+                 "--pre_trained, and no --resume or --run_distribute")
     rank, group_size, group = init_data_parallel() if args.run_distribute else (0, 1, None)
     if rank == 0:
         print_config(config)
     try:
-        last = train(config, args.dataset_path, quantized=args.mode == "qat", pretrained=args.pre_trained,
-                     resume=args.resume, reinit_classifier=args.reinit_classifier, rank=rank, group_size=group_size,
-                     sync_group=group)
+        if args.mode == "ptq":
+            last = calibrate(config, args.dataset_path, args.pre_trained)
+        else:
+            last = train(config, args.dataset_path, quantized=args.mode == "qat", pretrained=args.pre_trained,
+                         resume=args.resume, reinit_classifier=args.reinit_classifier, rank=rank,
+                         group_size=group_size, sync_group=group)
     except (DatasetError, CheckpointError, TrainingError) as err:
         sys.exit(f"error: {err}")
     print(f"last checkpoint: {last}")

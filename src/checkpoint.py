@@ -9,7 +9,10 @@ import os
 import mindspore as ms
 
 
-META_KEYS = ("network_kind", "num_classes", "width_mult", "epoch_num", "step_num")
+# What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood.
+# weight_bits and act_bits only in quantized checkpoints: the stored ranges mean nothing at another bit width.
+NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits")
+META_KEYS = ("network_kind",) + NETWORK_KEYS + ("epoch_num", "step_num")
 FLOAT, QUANT = "float", "quant"
 # Names the training cell adds beside the network's own Parameters (optimizer and loss-scale state).
 TRAIN_STATE_PREFIXES = ("moments.", "learning_rate", "global_step", "momentum", "scale_sense", "loss_scaling_manager.")
@@ -29,6 +32,8 @@ def save(cell, path, network, epoch_num, step_num):
     mid-write never leaves a truncated checkpoint under the final name."""
     meta = {"network_kind": network_kind(network), "num_classes": network.num_classes,
             "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
+    if network.quant_config is not None:
+        meta.update(weight_bits=network.quant_config.weight_bits, act_bits=network.quant_config.act_bits)
     tmp = path[:-len(".ckpt")] + ".tmp.ckpt" if path.endswith(".ckpt") else path + ".tmp.ckpt"
     ms.save_checkpoint(cell, tmp, append_dict=meta)
     with open(tmp, "rb") as f:

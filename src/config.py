@@ -36,6 +36,7 @@ _COMMON = dict(
     quant_delay_epochs=0,     # observers watch, nothing is rounded
     freeze_bn_epochs=50,      # from here BN uses its running statistics: training sees the folded inference model
     freeze_observer_epochs=55,
+    calibration_batches=32,   # --mode ptq: training batches the observers see (post-training quantization)
     # Data
     crop_min_scale=0.08,      # RandomResizedCrop scale range (crop_min_scale, 1.0)
     eval_resize_ratio=0.875,  # eval resizes the short side to image_size / ratio (224 / 0.875 = 256), then centre-crops
@@ -110,7 +111,7 @@ def validate(config):
         if not 2 <= config[key] <= 8:
             return f"--{key} must be between 2 and 8, got {config[key]}"
     for key in ("num_classes", "batch_size", "image_height", "image_width", "save_checkpoint_epochs",
-                "keep_checkpoint_max", "log_interval", "num_parallel_workers"):
+                "keep_checkpoint_max", "log_interval", "num_parallel_workers", "calibration_batches"):
         if config[key] < 1:
             return f"--{key} must be at least 1, got {config[key]}"
     for key in ("epoch_size", "start_epoch", "warmup_epochs", "quant_delay_epochs", "freeze_bn_epochs",

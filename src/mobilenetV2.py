@@ -50,7 +50,7 @@ class MobileNetV2(nn.Cell):
         super().__init__()
         layers = QuantLayers(quant_config) if quant_config is not None else FloatLayers()
         self.quantized = layers.quantized
-        self.num_classes, self.width_mult = num_classes, width_mult
+        self.num_classes, self.width_mult, self.quant_config = num_classes, width_mult, quant_config
         # The network input is quantized too: the integer model starts from quantized pixels.
         self.input_quant = layers.activation_quant()
         in_channels = make_divisible(STEM_CHANNELS * width_mult)

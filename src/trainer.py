@@ -14,7 +14,7 @@ from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import network_from_config
 from src.quant.layers import quant_state_names
-from src.quant.schedule import QuantSchedule
+from src.quant.schedule import NEVER, QuantSchedule
 from src.utils import CrossEntropySmooth, Monitor
 
 NO_DECAY_SUFFIXES = ("gamma", "beta", "bias")
@@ -110,6 +110,10 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
         if meta["network_kind"] != checkpoint.network_kind(network):
             raise TrainingError(f"--resume {resume} holds a {meta['network_kind']} network, this run trains a "
                                 f"{checkpoint.network_kind(network)} one")
+        for key in ("weight_bits", "act_bits"):
+            if key in meta and meta[key] != config[key]:
+                raise TrainingError(f"--resume {resume} was trained with {key} {meta[key]}, this run asks for "
+                                    f"{config[key]}: give --{key} {meta[key]}")
         first_epoch, step, last_saved = meta["epoch_num"], meta["step_num"], resume
         log(f"resumed from {resume}: epoch {first_epoch}, global step {step}")
     elif pretrained:
@@ -153,3 +157,41 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
             for old in list_checkpoints(output_dir, quantized)[:-config.keep_checkpoint_max]:
                 os.remove(old)
     return last_saved
+
+
+def calibrate(config, dataset_path, pretrained, output_dir=None, log=print):
+    """Post-training quantization, the baseline QAT has to beat: the quantized network from the float checkpoint
+    `pretrained`, its observers run over config.calibration_batches training batches (the training pipeline's
+    shuffled, augmented images) with BN in inference mode, nothing rounded and no weight update; then rounding on
+    and every range frozen. Returns the path of the quantized checkpoint written."""
+    output_dir = output_dir or config.save_checkpoint_path
+    network = network_from_config(config, quantized=True)
+    set_compute_dtype(network, getattr(ms, config.compute_dtype))
+    meta = checkpoint.load_into(network, pretrained, allow_missing=quant_state_names(network))
+    if meta["network_kind"] != checkpoint.FLOAT:
+        raise TrainingError(f"--mode ptq calibrates a float checkpoint; {pretrained} holds a {meta['network_kind']} "
+                            f"network")
+    log(f"loaded float checkpoint {pretrained}")
+    QuantSchedule(quant_delay=NEVER, freeze_bn=0).apply(network, 0)  # observe float activations, BN as inferred
+    network.set_train(True)  # observers move only in training mode
+    batches = 0
+    epoch_data = Epoch(create_dataset(dataset_path, True, config))
+    for images, labels in epoch_data:
+        if batches == config.calibration_batches:
+            break
+        if len(labels) == config.batch_size:  # one input shape, one compiled graph
+            network(Tensor(images))
+            batches += 1
+    if batches == 0:
+        raise TrainingError(f"{dataset_path} has fewer images than one batch of {config.batch_size}: lower "
+                            f"--batch_size")
+    if batches < config.calibration_batches:
+        log(f"{dataset_path} holds only {batches} full batches of {config.batch_size}: calibrated on all of them "
+            f"(--calibration_batches {config.calibration_batches} asked for more)")
+    QuantSchedule(quant_delay=0, freeze_bn=0, freeze_observer=0).apply(network, 0)
+    network.set_train(False)
+    log(f"calibrated on {batches} batches ({batches * config.batch_size} images)")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{checkpoint_prefix(True)}_ptq-{batches}.ckpt")
+    checkpoint.save(network, path, network, 0, 0)
+    return path

@@ -29,6 +29,7 @@ TINY = dict(num_classes=4, width_mult=0.25, image_height=16, image_width=16, bat
 
 
 def tiny_argv(**overrides):
+    """Command-line config overrides: TINY, with `overrides` on top."""
     argv = []
     for key, value in dict(TINY, **overrides).items():
         argv += [f"--{key}", str(value)]
@@ -56,6 +57,44 @@ def qat_run(demo_data, float_run, tmp_path_factory):
                                   "--freeze_observer_epochs", "1", "--save_checkpoint_path", out,
                                   "--keep_checkpoint_max", "1"])
     return last, log.getvalue()
+
+
+# A float network that has learned: 4 demo classes at 32x32, 25 epochs (about 96% top-1 on its validation images).
+# The gradient and learning tests need one: in a barely trained or random network quantization noise swamps the
+# signal of small activations, and there is no accuracy for rounding to lose.
+LEARNED = dict(num_classes=4, width_mult=0.25, image_height=32, image_width=32, batch_size=8, num_parallel_workers=1,
+               crop_min_scale=0.5, log_interval=100, ema_decay=0.9)
+
+
+def learned_argv(**overrides):
+    return tiny_argv(**dict(LEARNED, **overrides))
+
+
+@pytest.fixture(scope="session")
+def learning_data(tmp_path_factory):
+    """(train, val) folders: 4 demo classes, 40 training and 60 validation images each, 36x36."""
+    from src.demo_data import generate
+    return generate(str(tmp_path_factory.mktemp("learning")), train_per_class=40, val_per_class=60, image_size=36,
+                    seed=3, num_classes=4)
+
+
+@pytest.fixture(scope="session")
+def learned_float(learning_data, tmp_path_factory):
+    """A float checkpoint trained to convergence on learning_data, through train.py."""
+    import train as train_script
+    out = str(tmp_path_factory.mktemp("learned_float"))
+    return train_script.main(["--mode", "float", "--dataset_path", learning_data[0], *learned_argv(warmup_epochs=1),
+                              "--start_epoch", "0", "--epoch_size", "25", "--lr", "0.02",
+                              "--keep_checkpoint_max", "1", "--save_checkpoint_path", out])
+
+
+def gradient_moved_all(start, end):
+    """True when training moved every BN gamma and beta and the classifier bias from `start` to `end` (name ->
+    array): the Parameters without weight decay, which only a gradient moves (decay alone moves the others)."""
+    names = [n for n in start if n.endswith((".gamma", ".beta")) or n == "classifier.bias"]
+    unmoved = [n for n in names if np.array_equal(start[n], end[n])]
+    assert names and not unmoved, f"not moved by training: {unmoved}"
+    return True
 
 
 CLASSES, WIDTH, SIZE, BATCH = 5, 0.25, 32, 8

@@ -13,7 +13,7 @@ from src import checkpoint, trainer
 from src.config import config_cpu
 from src.trainer import train, TrainingError
 
-from conftest import TINY, tiny_argv
+from conftest import TINY, gradient_moved_all, tiny_argv
 
 
 def tiny_config(**overrides):
@@ -63,6 +63,7 @@ def test_resume_continues_exactly(demo_data, float_run, tmp_path):
     resumed = train(tiny_config(**config, save_checkpoint_path=resumed_dir), train_path, resume="latest")
     want, _ = _params(straight)
     got, meta = _params(resumed)
+    assert gradient_moved_all(_params(float_run)[0], want)
     assert meta["epoch_num"] == 3 and meta["step_num"] == 18
     assert set(want) == set(got)
     assert any(name.startswith("moments.") for name in got)  # the optimizer state is in the checkpoint
@@ -92,3 +93,28 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(demo_data, float_ru
                       quantized=False, pretrained=float_run)
     assert os.listdir(out) == ["mobilenetV2_float-1_6.ckpt"]
     assert checkpoint.read(os.path.join(out, "mobilenetV2_float-1_6.ckpt"))[1]["epoch_num"] == 1
+
+
+def test_ptq_calibrates_without_training(demo_data, float_run, tmp_path, capsys):
+    """--mode ptq: observers over N training batches, BN in inference mode, no weight update; a quantized
+    checkpoint with rounding on and ranges frozen, named by train.py's last line."""
+    import train as train_script
+    out = str(tmp_path / "ptq")
+    path = train_script.main(["--mode", "ptq", "--pre_trained", float_run, "--dataset_path", demo_data[0],
+                              *tiny_argv(), "--calibration_batches", "4", "--save_checkpoint_path", out])
+    log = capsys.readouterr().out
+    assert f"last checkpoint: {path}" in log and "calibrated on 4 batches (32 images)" in log
+    params, meta = _params(path)
+    start, _ = _params(float_run)
+    assert meta["network_kind"] == "quant"
+    assert params["input_quant.observer.batches_seen"] == 4 and params["input_quant.observer.enabled"] == 0
+    assert params["input_quant.quant_enabled"] == 1 and params["features.0.bn_frozen"] == 1
+    assert params["classifier.output_quant.observer.min_val"] < params["classifier.output_quant.observer.max_val"]
+    for name in start:  # weights and BN statistics exactly as the float checkpoint left them
+        np.testing.assert_array_equal(params[name], start[name], err_msg=name)
+
+    with pytest.raises(SystemExit, match="--mode ptq calibrates the float checkpoint --pre_trained"):
+        train_script.main(["--mode", "ptq", "--dataset_path", demo_data[0], *tiny_argv()])
+    with pytest.raises(SystemExit, match="--mode ptq calibrates a float checkpoint; .* holds a quant network"):
+        train_script.main(["--mode", "ptq", "--pre_trained", path, "--dataset_path", demo_data[0], *tiny_argv(),
+                           "--save_checkpoint_path", out])

@@ -111,6 +111,11 @@ class DirectConv2D(nn.Cell):
                 ops.zeros_like(geometry)
 
         self.forward = ops.Custom(f"{library}:DirectConv", output_shape, ms.float32, "aot", bprop=bprop)
+        # MindSpore reuses one instance's inferred output shape for another instance of the same custom operator
+        # with the same input shapes (seen inside the quantized layer's branches once gradients flow): the
+        # geometry as primitive attributes makes layers of different strides distinct operators.
+        self.forward.add_prim_attr("stride", stride)
+        self.forward.add_prim_attr("padding", padding)
 
     def construct(self, x, weight):
         return self.forward(x.astype(ms.float32), weight.astype(ms.float32), self.geometry).astype(x.dtype)
@@ -133,8 +138,9 @@ def convolution(out_channels, kernel_size, stride, padding, groups):
 
 
 def fake_quant_per_tensor_ops(library):
-    """(forward, gradient) custom operators: forward(x, scale, zero_point, qrange) -> y and
-    gradient(dy, x, scale, zero_point, qrange) -> dx, with qrange float32 [qmin, qmax]; see fake_quant.cc."""
+    """(forward, gradient) custom operators: forward(x, scale, zero_point, settings) -> y and
+    gradient(dy, x, scale, zero_point, settings) -> dx, with settings float32 [qmin, qmax, enabled]; see
+    fake_quant.cc."""
     return (ops.Custom(f"{library}:FakeQuantPerTensor", _shape_of(0), ms.float32, "aot"),
             ops.Custom(f"{library}:FakeQuantPerTensorGrad", _shape_of(1), ms.float32, "aot"))
 

@@ -4,12 +4,15 @@
 // The arithmetic is that of src/quant/fake_quant.py, in the same order, so both give identical bits:
 //   q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax), y = (q - zero_point) * scale.
 //
-//   FakeQuantPerTensor     (x, scale[1], zero_point[1], range[2] = {qmin, qmax})        -> y
-//   FakeQuantPerTensorGrad (dy, x, scale[1], zero_point[1], range[2])                  -> dx: dy where the
+//   FakeQuantPerTensor     (x, scale[1], zero_point[1], settings[3] = {qmin, qmax, enabled})  -> y
+//   FakeQuantPerTensorGrad (dy, x, scale[1], zero_point[1], settings[3])                      -> dx: dy where the
 //                          rounded value lies inside [qmin, qmax] (straight through), 0 where it was clamped
+// With enabled = 0 (the quantization delay) y = x and dx = dy: the switch is an input, not a branch of the
+// graph, because tensor-valued branches made the QAT training graph compile several times slower (measured).
 //   MinMax                 (x)                                                          -> [min(x), max(x)]
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace {
@@ -27,23 +30,24 @@ bool float32_inputs(int nparam, const char **dtypes) {
   return true;
 }
 
-// Checks that params[x] and params[out] have the same element count and the quantization parameters one each.
+// Checks that params[x] and params[out] have the same element count, scale and zero point one each, settings 3.
 bool per_tensor(int *ndims, int64_t **shapes, int x, int scale, int out) {
   const int64_t count = element_count(ndims[x], shapes[x]);
   return element_count(ndims[out], shapes[out]) == count && element_count(ndims[scale], shapes[scale]) == 1 &&
          element_count(ndims[scale + 1], shapes[scale + 1]) == 1 &&
-         element_count(ndims[scale + 2], shapes[scale + 2]) == 2;
+         element_count(ndims[scale + 2], shapes[scale + 2]) == 3;
 }
 
 struct QParams {
   float scale, zero_point, qmin, qmax;
+  bool enabled;
 };
 
-// The inputs scale, zero_point and range = {qmin, qmax}, starting at params[first].
+// The inputs scale, zero_point and settings = {qmin, qmax, enabled}, starting at params[first].
 QParams read_qparams(void **params, int first) {
-  const float *range = static_cast<const float *>(params[first + 2]);
+  const float *settings = static_cast<const float *>(params[first + 2]);
   return QParams{*static_cast<const float *>(params[first]), *static_cast<const float *>(params[first + 1]),
-                 range[0], range[1]};
+                 settings[0], settings[1], settings[2] > 0.5f};
 }
 
 }  // namespace
@@ -56,6 +60,10 @@ extern "C" int FakeQuantPerTensor(int nparam, void **params, int *ndims, int64_t
   const float scale = qp.scale, zero_point = qp.zero_point, qmin = qp.qmin, qmax = qp.qmax;
   float *y = static_cast<float *>(params[4]);
   const int64_t count = element_count(ndims[0], shapes[0]);
+  if (!qp.enabled) {
+    std::memcpy(y, x, sizeof(float) * count);
+    return 0;
+  }
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < count; ++i) {
     const float rounded = std::rint(x[i] / scale) + zero_point;
@@ -77,6 +85,10 @@ extern "C" int FakeQuantPerTensorGrad(int nparam, void **params, int *ndims, int
   const float scale = qp.scale, zero_point = qp.zero_point, qmin = qp.qmin, qmax = qp.qmax;
   float *dx = static_cast<float *>(params[5]);
   const int64_t count = element_count(ndims[0], shapes[0]);
+  if (!qp.enabled) {
+    std::memcpy(dx, dy, sizeof(float) * count);
+    return 0;
+  }
 #pragma omp parallel for simd schedule(static)
   for (int64_t i = 0; i < count; ++i) {
     const float q = std::rint(x[i] / scale) + zero_point;

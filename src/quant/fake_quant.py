@@ -52,23 +52,25 @@ class FakeQuantize(nn.Cell):
     def use_mindspore_ops(self):
         self.kernels = None
 
+    # The switch `enabled` is arithmetic, not a branch: ~110 tensor-valued branches with their gradients made
+    # the QAT training graph compile about twice as slowly (measured, 197 s against 107 s at width 0.25). With e
+    # in {0, 1}, dq * e + x * (1 - e) is exactly dq or exactly x; the kernels take e as an input instead.
+
     def construct(self, x, scale, zero_point, enabled):
-        # A branch, not a select or a blend: x + 1 * (dq - x) is not exactly dq in floating point, and a select
-        # keeps one more full-size tensor per quantized activation (measured: 19% of QAT training memory).
-        if enabled > 0.5:
-            if self.kernels is not None:
-                return self.kernels[0](x, scale.reshape(1), zero_point.reshape(1), self.qrange)
-            q = ops.clip_by_value(ops.round(x / scale) + zero_point, self.qmin, self.qmax)
-            return (q - zero_point) * scale
-        return x
+        if self.kernels is not None:
+            return self.kernels[0](x, scale.reshape(1), zero_point.reshape(1), self._settings(enabled))
+        q = ops.clip_by_value(ops.round(x / scale) + zero_point, self.qmin, self.qmax)
+        return (q - zero_point) * scale * enabled + x * (1.0 - enabled)
 
     def bprop(self, x, scale, zero_point, enabled, out, dout):
         no_grads = ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(enabled)
-        if enabled < 0.5:  # y = x
-            return (dout,) + no_grads
         if self.kernels is not None:
-            return (self.kernels[1](dout, x, scale.reshape(1), zero_point.reshape(1), self.qrange),) + no_grads
-        # In range exactly where the forward clamp left the rounded value alone.
+            return (self.kernels[1](dout, x, scale.reshape(1), zero_point.reshape(1), self._settings(enabled)),) \
+                + no_grads
+        # In range exactly where the forward clamp left the rounded value alone; everywhere when disabled.
         q = ops.round(x / scale) + zero_point
-        passes = ops.logical_and(q >= self.qmin, q <= self.qmax)
-        return (dout * passes.astype(dout.dtype),) + no_grads
+        passes = ops.logical_and(q >= self.qmin, q <= self.qmax).astype(dout.dtype)
+        return (dout * (passes * enabled + (1.0 - enabled)),) + no_grads
+
+    def _settings(self, enabled):
+        return ops.concat((self.qrange, enabled.reshape(1)))

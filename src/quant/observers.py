@@ -39,8 +39,11 @@ def symmetric_qparams(max_abs, qmax):
 class MovingAverageMinMaxObserver(nn.Cell):
     """Per-tensor asymmetric range for activations: min/max with an exponential moving average.
 
-    The first batch it sees sets the range; later ones move it by (1 - ema_decay). With `sync_group` set (data
-    parallel), every rank takes the min/max over all ranks' batches so all ranks keep identical ranges.
+    The range is the plain mean of the batches' min/max over the first batches it sees, then an exponential
+    moving average once that count reaches the average's horizon, 1 / (1 - ema_decay): the first batch does not
+    dominate the first thousand steps, and a calibration over N batches (post-training quantization) weighs them
+    all alike. With `sync_group` set (data parallel), every rank takes the min/max over all ranks' batches so all
+    ranks keep identical ranges.
     """
 
     def __init__(self, qmin, qmax, ema_decay=0.999, sync_group=None):
@@ -49,7 +52,7 @@ class MovingAverageMinMaxObserver(nn.Cell):
         self.ema_decay = float(ema_decay)
         self.min_val = Parameter(Tensor(0.0, ms.float32), name="min_val", requires_grad=False)
         self.max_val = Parameter(Tensor(0.0, ms.float32), name="max_val", requires_grad=False)
-        self.initialized = switch_parameter("initialized", 0.0)
+        self.batches_seen = Parameter(Tensor(0.0, ms.float32), name="batches_seen", requires_grad=False)
         self.enabled = switch_parameter("enabled", 1.0)
         self.all_gather = ops.AllGather(group=sync_group) if sync_group else None
         library = cpu_kernel_library()
@@ -60,23 +63,25 @@ class MovingAverageMinMaxObserver(nn.Cell):
 
     def construct(self, x):
         if self.training:
-            x = ops.stop_gradient(x)
+            # The range is not learned; x itself passes through untouched, gradient included.
+            observed = ops.stop_gradient(x)
             if self.min_max is not None:
-                batch = self.min_max(x)
+                batch = self.min_max(observed)
             else:
-                batch = ops.stack([ops.reduce_min(x), ops.reduce_max(x)])
+                batch = ops.stack([ops.reduce_min(observed), ops.reduce_max(observed)])
             if self.all_gather is not None:
                 # CPU collectives only sum; gathering [min, max] from every rank then reducing works everywhere.
                 gathered = self.all_gather(batch.reshape(1, 2))
                 batch = ops.stack([ops.reduce_min(gathered[:, 0]), ops.reduce_max(gathered[:, 1])])
             # Arithmetic blends instead of branches: the flags are tensors and the graph stays branch-free.
-            keep = self.initialized * self.ema_decay
+            count = self.batches_seen
+            keep = ops.minimum(count / (count + 1.0), self.ema_decay)
             new_min = keep * self.min_val + (1.0 - keep) * batch[0]
             new_max = keep * self.max_val + (1.0 - keep) * batch[1]
             on = self.enabled
             ops.assign(self.min_val, on * new_min + (1.0 - on) * self.min_val)
             ops.assign(self.max_val, on * new_max + (1.0 - on) * self.max_val)
-            ops.assign(self.initialized, ops.maximum(self.initialized, on))
+            ops.assign(self.batches_seen, count + on)
         return x
 
     def qparams(self):
