@@ -44,6 +44,21 @@ def _median_rate(run, items, warmup, repeats):
     return items / median, median
 
 
+def _cpu():
+    """The CPU's model name and the instruction-set extensions that decide our kernels' and ONNX Runtime's paths."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": model, "extensions": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})}
+
+
 def _config(args):
     from easydict import EasyDict
     from src.config import CONFIGS
@@ -78,7 +93,12 @@ def part_train(args, quantized):
     start = time.perf_counter()
     cell(images, labels)[0].asnumpy()
     compile_s = time.perf_counter() - start
+    gamma = network.features[0].gamma
+    start_gamma = gamma.asnumpy().copy()
     rate, _ = _median_rate(lambda: cell(images, labels)[0].asnumpy(), args.batch_size, 1, args.repeats)
+    # A step that moves no gradient-only Parameter measures a graph without a backward pass (as "QAT" once was).
+    if np.array_equal(gamma.asnumpy(), start_gamma):
+        raise RuntimeError("the training steps did not move features.0.gamma: no gradient reached it")
     return {"images_per_s": rate, "compile_and_first_step_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -193,7 +213,7 @@ def main():
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    results = {"machine": {"cpus": os.cpu_count(), "device_target": args.device_target},
+    results = {"machine": {"cpus": os.cpu_count(), "cpu": _cpu(), "device_target": args.device_target},
                "batch_size": args.batch_size}
     for part in parts:
         print(f"running {part} ...", flush=True)
@@ -216,6 +236,8 @@ def main():
     if "float_train" in results and "qat_train" in results and "error" not in results["float_train"] \
             and "error" not in results["qat_train"]:
         results["qat_over_float_train"] = results["qat_train"]["images_per_s"] / results["float_train"]["images_per_s"]
+        results["qat_over_float_train_memory"] = (results["qat_train"]["peak_rss_mb"]
+                                                  / results["float_train"]["peak_rss_mb"])
     if "data" in results and "qat_train" in results and "error" not in results["data"] \
             and "error" not in results["qat_train"]:
         results["data_over_qat_train"] = results["data"]["images_per_s"] / results["qat_train"]["images_per_s"]
@@ -249,6 +271,7 @@ def format_table(results):
                     f"{stats.get('images_per_s', float('nan')):.1f} img/s |")
         rows.append(f"| ONNX Runtime {name.upper()}, batch 1 latency | {stats.get('latency_ms_batch1', float('nan')):.1f} ms |")
     for key, label in (("qat_over_float_train", "QAT / float training throughput"),
+                       ("qat_over_float_train_memory", "QAT / float training peak memory"),
                        ("data_over_qat_train", "data pipeline / QAT training throughput")):
         if key in results:
             rows.append(f"| {label} | {results[key]:.2f}x |")
@@ -262,7 +285,9 @@ def format_table(results):
             rows.append(f"| {label} | {peer[key]:.1f} img/s |")
     if "qat_train_over_peer" in results:
         rows.append(f"| our QAT / PyTorch eager QAT training | {results['qat_train_over_peer']:.2f}x |")
-    return "| measure | value |\n|---|---|\n" + "\n".join(rows)
+    cpu = results["machine"]["cpu"]
+    return (f"{cpu['model']}, {results['machine']['cpus']} CPUs, {' '.join(cpu['extensions'])}\n"
+            "| measure | value |\n|---|---|\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":
