@@ -148,8 +148,9 @@ def test_straight_through_gradient_is_one_inside_zero_outside(implementation):
     np.testing.assert_array_equal(off, np.ones_like(x))
 
 
-def test_moving_average_observer_initialises_then_averages_then_freezes(implementation):
-    observer = MovingAverageMinMaxObserver(0, 255, ema_decay=0.9)
+def test_moving_average_observer_averages_then_moves_exponentially_then_freezes(implementation):
+    # ema_decay 0.6: the average's horizon is 1 / (1 - 0.6) = 2.5 batches, so two plain-mean batches, then EMA
+    observer = MovingAverageMinMaxObserver(0, 255, ema_decay=0.6)
     assert (observer.min_max is not None) == (implementation == "cpu_kernels")
     observer.set_train(True)
     run = Forward(observer)
@@ -157,8 +158,12 @@ def test_moving_average_observer_initialises_then_averages_then_freezes(implemen
     run(Tensor(np.array([-1.0, 2.0], f32)))
     assert observer.min_val.asnumpy() == pytest.approx(-1.0) and observer.max_val.asnumpy() == pytest.approx(2.0)
     run(Tensor(np.array([-3.0, 4.0], f32)))
-    assert observer.min_val.asnumpy() == pytest.approx(0.9 * -1 + 0.1 * -3)
-    assert observer.max_val.asnumpy() == pytest.approx(0.9 * 2 + 0.1 * 4)
+    assert observer.min_val.asnumpy() == pytest.approx((-1 - 3) / 2)
+    assert observer.max_val.asnumpy() == pytest.approx((2 + 4) / 2)
+    run(Tensor(np.array([-5.0, 12.0], f32)))  # a plain mean would keep 2/3 of the old range; the EMA keeps 0.6
+    assert observer.min_val.asnumpy() == pytest.approx(0.6 * -2 + 0.4 * -5)
+    assert observer.max_val.asnumpy() == pytest.approx(0.6 * 3 + 0.4 * 12)
+    assert observer.batches_seen.asnumpy() == 3
     observer.enabled.set_data(Tensor(f32(0)))
     before = observer.min_val.asnumpy().copy(), observer.max_val.asnumpy().copy()
     run(Tensor(np.array([-30.0, 40.0], f32)))
