@@ -11,7 +11,7 @@ import sys
 import mindspore as ms
 from mindspore.communication import GlobalComm, get_group_size, get_rank, init
 
-from src.config import parse_args, print_config
+from src.config import parse_args, parse_bool, print_config
 from src.dataset import DatasetError
 from src.checkpoint import CheckpointError
 from src.trainer import calibrate, train, TrainingError
@@ -28,7 +28,7 @@ def add_args(parser):
                         help="start from --pre_trained even if its classifier has another number of classes")
     parser.add_argument("--resume", default=None,
                         help="continue a run exactly from one of its checkpoints ('latest': the newest one)")
-    parser.add_argument("--run_distribute", type=lambda text: text.lower() in ("1", "true", "yes"), default=False,
+    parser.add_argument("--run_distribute", type=parse_bool, default=False,
                         help="data parallel over the processes msrun started (HCCL on Ascend, NCCL on GPU, "
                              "MindSpore's own collectives on CPU)")
 

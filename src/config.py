@@ -56,7 +56,8 @@ config_cpu = ed(dict(_COMMON, batch_size=32, num_parallel_workers=2))
 CONFIGS = {"Ascend": config_ascend, "GPU": config_gpu, "CPU": config_cpu}
 
 
-def _bool(text):
+def parse_bool(text):
+    """An argparse type for yes/no options: 1/true/yes and 0/false/no (any case); anything else is an error."""
     lowered = text.lower()
     if lowered in ("1", "true", "yes"):
         return True
@@ -65,12 +66,12 @@ def _bool(text):
     raise ValueError(text)
 
 
-_bool.__name__ = "bool"  # argparse names the type in its error: "invalid bool value"
+parse_bool.__name__ = "bool"  # argparse names the type in its error: "invalid bool value"
 
 
 def _typed(default):
     if isinstance(default, bool):
-        return _bool
+        return parse_bool
     if isinstance(default, float):
         return float
     return type(default)

@@ -68,10 +68,14 @@ def test_eval_pipeline_shapes_and_order(demo_data):
     assert [int(l) for _, ls in batches for l in ls] == sorted(int(l) for _, ls in batches for l in ls)
 
 
-def _parse(argv, capsys):
+def _parse_with(add_args, argv, capsys):
     with pytest.raises(SystemExit):
-        parse_args("test", lambda parser: None, argv)
+        parse_args("test", add_args, argv)
     return capsys.readouterr().err
+
+
+def _parse(argv, capsys):
+    return _parse_with(lambda parser: None, argv, capsys)
 
 
 def test_config_overrides_are_typed_and_checked(capsys):
@@ -85,6 +89,19 @@ def test_config_overrides_are_typed_and_checked(capsys):
     assert "--loss_scale_type must be 'fixed' or 'dynamic'" in _parse(["--loss_scale_type", "auto"], capsys)
     assert "--weight_bits must be between 2 and 8, got 9" in _parse(["--weight_bits", "9"], capsys)
     assert "ambiguous" not in _parse(["--save_checkpoint_pat", "x"], capsys)  # no silent abbreviations
+
+
+def test_run_distribute_takes_exactly_what_the_other_yes_no_options_take(capsys):
+    import train as train_script
+
+    def run_distribute(value):
+        return parse_args("test", train_script.add_args, ["--dataset_path", "d", "--run_distribute", value])[0]
+
+    assert run_distribute("True").run_distribute is True and run_distribute("1").run_distribute is True
+    assert run_distribute("no").run_distribute is False
+    assert "argument --run_distribute: invalid bool value: 'Ture'" in _parse_with(train_script.add_args,
+                                                                               ["--dataset_path", "d",
+                                                                                "--run_distribute", "Ture"], capsys)
 
 
 def test_lr_schedule_warms_up_then_decays_and_qat_takes_its_tail():

@@ -119,3 +119,18 @@ def test_without_a_compiler_the_network_runs_on_mindspore_ops_with_a_warning(mon
     network = mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig())
     assert isinstance(network.features[0].conv, ops.Conv2D) and network.input_quant.fake_quant.kernels is None
     assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
+
+
+def test_kernel_cache_is_keyed_by_the_instruction_sets_the_compiler_targets():
+    avx2, avx512 = kernels.compiler_target("haswell"), kernels.compiler_target("skylake-avx512")
+    assert "__AVX2__" in avx2 and "__AVX512F__" not in avx2 and "__AVX512F__" in avx512
+    assert kernels.library_path(avx2) != kernels.library_path(avx512)
+    assert kernels.library_path(avx2) == kernels.library_path(kernels.compiler_target("haswell"))
+    # what -march=native targets here is what this CPU has (so a library built here says what it needs)
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    native = kernels.compiler_target()
+    for flag, macro in (("avx2", "__AVX2__"), ("avx512f", "__AVX512F__"), ("avx512_vnni", "__AVX512VNNI__")):
+        assert (flag in flags) == (macro in native), flag
+    if cpu_kernel_library():
+        assert cpu_kernel_library() == kernels.library_path(native)

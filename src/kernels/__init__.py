@@ -25,12 +25,24 @@ COMPILE = ["g++", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _library_path = None  # compiled once per process: path, or "" when compiling failed
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        return ""
+def compiler_target(march="native"):
+    """What the compiler (g++) targets with -march=`march`: its predefined macros, which name every instruction-set
+    extension it may use (__AVX2__, __AVX512F__, __AVX512VNNI__, ...) and its own version. Two machines that give
+    the same text can share a compiled library; /proc/cpuinfo's model name cannot tell them apart (virtual
+    machines report "AMD EPYC" with and without AVX-512)."""
+    return subprocess.run([COMPILE[0], f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def library_path(target):
+    """The cached library's path for a compiler target (see compiler_target): keyed by the compile command, the
+    target and the sources, so a library is never loaded on a CPU it was not built for."""
+    key = hashlib.sha256(" ".join(COMPILE).encode() + target.encode())
+    for name in SOURCES:
+        with open(name, "rb") as source:
+            key.update(source.read())
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mobilenetv2_quant")
+    return os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
 
 
 def _compile(path):
@@ -48,27 +60,21 @@ def _compile(path):
 
 def cpu_kernel_library():
     """Path of the compiled kernels when running on CPU, else None; None too if they cannot be compiled here
-    (the reason is given as a warning). The cache key includes the CPU model: the library is built for the
-    machine's instruction set."""
+    (the reason is given as a warning)."""
     global _library_path
     if ms.get_context("device_target") != "CPU":
         return None
     if _library_path is None:
-        key = hashlib.sha256(" ".join(COMPILE).encode() + _cpu_model().encode())
-        for name in SOURCES:
-            with open(name, "rb") as source:
-                key.update(source.read())
-        cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mobilenetv2_quant")
-        path = os.path.join(cache, f"cpu_kernels-{key.hexdigest()[:16]}.so")
-        if not os.path.exists(path):
-            try:
+        try:
+            path = library_path(compiler_target())
+            if not os.path.exists(path):
                 _compile(path)
-            except (OSError, subprocess.CalledProcessError) as error:
-                details = getattr(error, "stderr", "") or str(error)
-                warnings.warn(f"could not compile the CPU kernels in {os.path.dirname(SOURCES[0])} "
-                              f"({details.strip()}); using MindSpore's ops instead, several times slower for "
-                              f"depthwise convolutions and fake quantization. Install g++ to fix this.")
-                path = ""
+        except (OSError, subprocess.CalledProcessError) as error:
+            details = getattr(error, "stderr", "") or str(error)
+            warnings.warn(f"could not compile the CPU kernels in {os.path.dirname(SOURCES[0])} "
+                          f"({details.strip()}); using MindSpore's ops instead, several times slower for "
+                          f"depthwise convolutions and fake quantization. Install g++ to fix this.")
+            path = ""
         _library_path = path
     return _library_path or None
 
