@@ -4,7 +4,8 @@
     python eval.py --dataset_path ~/imagenet/val --checkpoint_path mobilenetv2_int8.onnx      # ONNX Runtime
     python eval.py --dataset_path ~/imagenet/val --checkpoint_path mobilenetv2_quant.mindir   # exported MINDIR
     python eval.py --dataset_path ~/imagenet/val --checkpoint_path q.ckpt --parity_with mobilenetv2_int8.onnx
-For a checkpoint the network (float or quantized, classes, width) is read from the file; --network checks it.
+For a checkpoint the network (float or quantized, classes, width) and the input size it was trained at are read
+from the file (--image_height/--image_width choose another size, with a warning); --network checks the kind.
 --parity_with runs the checkpoint and an exported model side by side and reports how far they agree.
 """
 import os
@@ -14,7 +15,7 @@ import mindspore as ms
 
 from src import checkpoint
 from src.config import parse_args, print_config
-from src.dataset import DatasetError, create_dataset
+from src.dataset import DatasetError, check_input_record, create_dataset
 from src.evaluation import evaluate, mindir_predictor, network_predictor, onnx_predictor, parity
 from src.mobilenetV2 import network_from_config
 
@@ -31,10 +32,12 @@ def add_args(parser):
                         help="an exported model (.onnx, .mindir) to compare with the checkpoint, image by image")
 
 
-def load_network(path, config, expected_kind=None):
-    """The network a checkpoint holds, with its weights; config gets the checkpoint's classes, width and (for a
-    quantized one) bit widths."""
+def load_network(path, config, expected_kind=None, given=frozenset()):
+    """The network a checkpoint holds, with its weights; config gets the checkpoint's classes, width, (for a
+    quantized one) bit widths, and the input size it was trained at unless `given` (config keys the user set)
+    names it."""
     _, meta = checkpoint.read(path)
+    check_input_record(config, meta, path, given)
     kind = meta["network_kind"]
     if expected_kind and kind != expected_kind:
         raise checkpoint.CheckpointError(f"--network {expected_kind} given, but {path} holds a {kind} network")
@@ -66,9 +69,10 @@ def main(argv=None):
     try:
         if args.checkpoint_path.lower().endswith(tuple(EXPORTED)):
             predict = exported_predictor(args.checkpoint_path)
+            check_input_record(config, getattr(predict, "input_record", {}), args.checkpoint_path, args.config_given)
             network = None
         else:
-            network = load_network(args.checkpoint_path, config, args.network)
+            network = load_network(args.checkpoint_path, config, args.network, args.config_given)
             predict = network_predictor(network, config.batch_size)
         print_config(config)
         data = create_dataset(args.dataset_path, False, config)

@@ -9,6 +9,7 @@ import mindspore as ms
 from eval import load_network
 from src import checkpoint
 from src.config import parse_args
+from src.dataset import DatasetError
 from src.export import FORMATS, ExportError, export
 
 
@@ -27,10 +28,10 @@ def main(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(args.device_target)
     try:
-        network = load_network(args.ckpt_file, config, args.network)
+        network = load_network(args.ckpt_file, config, args.network, args.config_given)
         path = export(network, args.file_name, args.file_format, args.export_batch_size, config.image_height,
                       config.image_width, args.device_target)
-    except (checkpoint.CheckpointError, ExportError) as err:
+    except (checkpoint.CheckpointError, DatasetError, ExportError) as err:
         sys.exit(f"error: {err}")
     print(f"exported {args.ckpt_file} as {path}")
     return path

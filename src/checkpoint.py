@@ -7,12 +7,15 @@ the network needs must be there with the right shape, or the load fails naming w
 import os
 
 import mindspore as ms
+import numpy as np
 
 
 # What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood.
 # weight_bits and act_bits only in quantized checkpoints: the stored ranges mean nothing at another bit width.
 NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits")
-META_KEYS = ("network_kind",) + NETWORK_KEYS + ("epoch_num", "step_num")
+# What it says about the input it was trained on (src.dataset.input_record): size and normalisation.
+INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
+META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num")
 FLOAT, QUANT = "float", "quant"
 # Names the training cell adds beside the network's own Parameters (optimizer and loss-scale state).
 TRAIN_STATE_PREFIXES = ("moments.", "learning_rate", "global_step", "momentum", "scale_sense", "loss_scaling_manager.")
@@ -27,13 +30,16 @@ def network_kind(network):
     return QUANT if getattr(network, "quantized", False) else FLOAT
 
 
-def save(cell, path, network, epoch_num, step_num):
+def save(cell, path, network, epoch_num, step_num, inputs=None):
     """Save `cell` (a network or the whole training cell) to `path` via a temporary file, so a run killed
-    mid-write never leaves a truncated checkpoint under the final name."""
+    mid-write never leaves a truncated checkpoint under the final name. `inputs`: what the network was trained on
+    (src.dataset.input_record), recorded with it."""
     meta = {"network_kind": network_kind(network), "num_classes": network.num_classes,
             "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
     if network.quant_config is not None:
         meta.update(weight_bits=network.quant_config.weight_bits, act_bits=network.quant_config.act_bits)
+    for key, value in (inputs or {}).items():
+        meta[key] = ms.Tensor(np.array(value, np.float32)) if isinstance(value, (list, tuple)) else value
     tmp = path[:-len(".ckpt")] + ".tmp.ckpt" if path.endswith(".ckpt") else path + ".tmp.ckpt"
     ms.save_checkpoint(cell, tmp, append_dict=meta)
     with open(tmp, "rb") as f:
@@ -41,20 +47,24 @@ def save(cell, path, network, epoch_num, step_num):
     os.replace(tmp, path)
 
 
-def read(path):
-    """(parameters, metadata) of a checkpoint file, with a clear error for a missing or unreadable one."""
+def read(path, only=None):
+    """(parameters, metadata) of a checkpoint file, with a clear error for a missing or unreadable one.
+    only: read just these parameter names (and the metadata); a quick look at a large checkpoint."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        entries = ms.load_checkpoint(path)
+        entries = ms.load_checkpoint(path, choice_func=None if only is None else lambda name: name in META_KEYS or name in only)
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     meta = {}
     for key in META_KEYS:
         if key in entries:
             value = entries.pop(key)
-            meta[key] = value if isinstance(value, str) else value.asnumpy().item()
-    if "network_kind" not in meta:
+            if not isinstance(value, str):
+                value = value.asnumpy()
+                value = value.item() if value.ndim == 0 else value.tolist()
+            meta[key] = value
+    if "network_kind" not in meta and only is None:
         # A checkpoint from elsewhere: the observers' state tells a quantized network from a float one.
         meta["network_kind"] = QUANT if any(".observer." in name for name in entries) else FLOAT
     return entries, meta

@@ -4,6 +4,7 @@ Every key can be overridden on the command line as `--key value`; `parse_args` r
 of the wrong type, naming them, and prints the effective configuration.
 """
 import argparse
+import sys
 
 from easydict import EasyDict as ed
 
@@ -80,7 +81,7 @@ def _typed(default):
 def parse_args(description, add_script_args, argv=None):
     """Parse a script's own arguments plus `--key value` overrides of the config for `--device_target`.
 
-    Returns (args, config). Unknown options and badly typed values stop the script with a message naming them.
+    Returns (args, config); args.config_given names the config keys the command line set. Unknown options and badly typed values stop the script with a message naming them.
     """
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--device_target", default="CPU", choices=sorted(CONFIGS))
@@ -93,6 +94,10 @@ def parse_args(description, add_script_args, argv=None):
     for key, default in defaults.items():
         overrides.add_argument(f"--{key}", type=_typed(default), default=default, metavar=type(default).__name__.upper())
     args = parser.parse_args(argv)
+    # The config keys set on the command line, as opposed to defaults: a checkpoint's record may fill the others.
+    given = {token.split("=", 1)[0][2:] for token in (sys.argv[1:] if argv is None else argv)
+             if token.startswith("--")}
+    args.config_given = given & set(defaults)
     config = ed({key: getattr(args, key) for key in defaults})
     for key in defaults:
         delattr(args, key)

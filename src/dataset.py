@@ -3,6 +3,7 @@ import os
 import re
 
 import mindspore as ms
+import numpy as np
 import mindspore.dataset as ds
 import mindspore.dataset.vision as vision
 import mindspore.dataset.transforms as transforms
@@ -14,6 +15,39 @@ STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 class DatasetError(ValueError):
     pass
+
+
+def input_record(config):
+    """What a checkpoint records about the input its network was trained on: size, and normalisation of 0-255
+    pixels (mean and std per RGB channel)."""
+    return {"image_height": config.image_height, "image_width": config.image_width, "input_mean": MEAN,
+            "input_std": STD}
+
+
+def check_input_record(config, record, source, given=None, log=print):
+    """Match config's input to what `source` (a checkpoint or an exported model) says it was trained on: `record`,
+    its metadata (older checkpoints have none of these keys, and load as before).
+
+    The size keys not in `given` (config keys the user set; None: all of them) are taken from the record, and a
+    size that still differs is said, not refused: another size may be a deliberate choice. Another normalisation
+    than this pipeline's is an error: no option here would make the inputs what the network expects.
+    """
+    if "input_mean" in record and not (np.allclose(record["input_mean"], MEAN) and
+                                       np.allclose(record["input_std"], STD)):
+        raise DatasetError(f"{source} was trained on inputs normalised with mean {record['input_mean']} and std "
+                           f"{record['input_std']}; this pipeline normalises with mean {MEAN} and std {STD}")
+    if "image_height" not in record:
+        return
+    trained = (int(record["image_height"]), int(record["image_width"]))
+    for key, value in zip(("image_height", "image_width"), trained):
+        if given is not None and key not in given:
+            config[key] = value
+    used = (config.image_height, config.image_width)
+    if used != trained:
+        log(f"warning: {source} was trained on {trained[0]}x{trained[1]} images; using {used[0]}x{used[1]} as "
+            f"--image_height/--image_width ask")
+    elif given is not None and not {"image_height", "image_width"} <= set(given):
+        log(f"input size {used[0]}x{used[1]}, as {source} was trained")
 
 
 def list_classes(dataset_path):

@@ -42,11 +42,21 @@ def _images_scored(epoch):
 
 
 def onnx_predictor(path):
-    """Images -> logits through ONNX Runtime on CPU (its QDQ fusion runs an INT8 model on integer kernels)."""
+    """Images -> logits through ONNX Runtime on CPU (its QDQ fusion runs an INT8 model on integer kernels).
+    The function's `input_record` gives the image size the model takes (src.dataset.check_input_record)."""
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    return lambda images: session.run(None, {input_name: images})[0]
+    model_input = session.get_inputs()[0]
+    size = tuple(model_input.shape[2:])
+
+    def predict(images):
+        if images.shape[2:] != size:
+            raise DatasetError(f"{path} takes {size[0]}x{size[1]} images, the data pipeline gives "
+                               f"{images.shape[2]}x{images.shape[3]}: give --image_height {size[0]} "
+                               f"--image_width {size[1]}")
+        return session.run(None, {model_input.name: images})[0]
+    predict.input_record = {"image_height": size[0], "image_width": size[1]}
+    return predict
 
 
 def mindir_predictor(path):

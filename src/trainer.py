@@ -9,7 +9,7 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from src import checkpoint
-from src.dataset import create_dataset, Epoch
+from src.dataset import check_input_record, create_dataset, Epoch, input_record
 from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import network_from_config
@@ -79,6 +79,23 @@ def list_checkpoints(directory, quantized):
     return sorted((p for p in paths if _checkpoint_epoch(p) >= 0), key=_checkpoint_epoch)
 
 
+def _check_resume(path, config, kind, schedule_steps, log):
+    """What makes a resume not the same run, named before anything is loaded."""
+    entries, meta = checkpoint.read(path, only=("learning_rate",))
+    if meta.get("network_kind", kind) != kind:
+        raise TrainingError(f"--resume {path} holds a {meta['network_kind']} network, this run trains a {kind} one")
+    for key in ("weight_bits", "act_bits", "image_height", "image_width"):
+        if key in meta and meta[key] != config[key]:
+            raise TrainingError(f"--resume {path} was trained with {key} {meta[key]}, this run asks for "
+                                f"{config[key]}: give --{key} {meta[key]}")
+    check_input_record(config, meta, path, log=log)
+    saved = entries.get("learning_rate")
+    if saved is not None and saved.shape[0] != schedule_steps:
+        raise TrainingError(f"--resume {path} follows a learning-rate schedule of {saved.shape[0]} steps, this run "
+                            f"one of {schedule_steps}: resume with the run's --epoch_size, --start_epoch, "
+                            f"--batch_size and dataset")
+
+
 def train(config, dataset_path, quantized=True, pretrained=None, resume=None, reinit_classifier=False,
           output_dir=None, rank=0, group_size=1, sync_group=None, log=print):
     """Train for config.epoch_size epochs (float, or QAT from the float checkpoint `pretrained`).
@@ -106,20 +123,15 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
             if not found:
                 raise TrainingError(f"--resume latest: no {checkpoint_prefix(quantized)} checkpoint in {output_dir}")
             resume = found[-1]
+        _check_resume(resume, config, checkpoint.network_kind(network), len(lr), log)
         meta = checkpoint.load_into(network, resume, train_state=train_cell)
-        if meta["network_kind"] != checkpoint.network_kind(network):
-            raise TrainingError(f"--resume {resume} holds a {meta['network_kind']} network, this run trains a "
-                                f"{checkpoint.network_kind(network)} one")
-        for key in ("weight_bits", "act_bits"):
-            if key in meta and meta[key] != config[key]:
-                raise TrainingError(f"--resume {resume} was trained with {key} {meta[key]}, this run asks for "
-                                    f"{config[key]}: give --{key} {meta[key]}")
         first_epoch, step, last_saved = meta["epoch_num"], meta["step_num"], resume
         log(f"resumed from {resume}: epoch {first_epoch}, global step {step}")
     elif pretrained:
         allow = quant_state_names(network) if quantized else ()
         meta = checkpoint.load_into(network, pretrained, allow_missing=allow, reinit_classifier=reinit_classifier)
         log(f"loaded {meta['network_kind']} checkpoint {pretrained}")
+        check_input_record(config, meta, pretrained, log=log)
     elif quantized:
         log("warning: QAT from random initialisation; pass --pre_trained with a float checkpoint")
 
@@ -153,7 +165,7 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
         if rank == 0 and config.save_checkpoint and (done % config.save_checkpoint_epochs == 0
                                                      or done == config.epoch_size):
             last_saved = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-{done}_{steps_per_epoch}.ckpt")
-            checkpoint.save(train_cell, last_saved, network, done, step)
+            checkpoint.save(train_cell, last_saved, network, done, step, input_record(config))
             for old in list_checkpoints(output_dir, quantized)[:-config.keep_checkpoint_max]:
                 os.remove(old)
     return last_saved
@@ -172,6 +184,7 @@ def calibrate(config, dataset_path, pretrained, output_dir=None, log=print):
         raise TrainingError(f"--mode ptq calibrates a float checkpoint; {pretrained} holds a {meta['network_kind']} "
                             f"network")
     log(f"loaded float checkpoint {pretrained}")
+    check_input_record(config, meta, pretrained, log=log)
     QuantSchedule(quant_delay=NEVER, freeze_bn=0).apply(network, 0)  # observe float activations, BN as inferred
     network.set_train(True)  # observers move only in training mode
     batches = 0
@@ -193,5 +206,5 @@ def calibrate(config, dataset_path, pretrained, output_dir=None, log=print):
     log(f"calibrated on {batches} batches ({batches * config.batch_size} images)")
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{checkpoint_prefix(True)}_ptq-{batches}.ckpt")
-    checkpoint.save(network, path, network, 0, 0)
+    checkpoint.save(network, path, network, 0, 0, input_record(config))
     return path

@@ -28,11 +28,12 @@ TINY = dict(num_classes=4, width_mult=0.25, image_height=16, image_width=16, bat
             crop_min_scale=0.5, log_interval=100, warmup_epochs=0, ema_decay=0.9)
 
 
-def tiny_argv(**overrides):
-    """Command-line config overrides: TINY, with `overrides` on top."""
+def tiny_argv(without=(), **overrides):
+    """Command-line config overrides: TINY, with `overrides` on top, minus the keys `without` names."""
     argv = []
     for key, value in dict(TINY, **overrides).items():
-        argv += [f"--{key}", str(value)]
+        if key not in without:
+            argv += [f"--{key}", str(value)]
     return argv
 
 

@@ -60,6 +60,18 @@ def test_deployed_models_agree_with_the_simulated_one(exported, demo_data, capsy
     assert result["max_logit_diff_steps"] <= 3.0
 
 
+def test_onnx_model_is_evaluated_at_the_size_it_takes(exported, demo_data):
+    _, paths = exported
+    _, val_path = demo_data
+    unsized = tiny_argv(without=("image_height", "image_width"))
+    assert (eval_script.main(["--dataset_path", val_path, "--checkpoint_path", paths["ONNX"], *unsized]) ==
+            eval_script.main(["--dataset_path", val_path, "--checkpoint_path", paths["ONNX"], *tiny_argv()]))
+    with pytest.raises(SystemExit, match="tiny.onnx takes 16x16 images, the data pipeline gives 24x24: give "
+                                         "--image_height 16 --image_width 16"):
+        eval_script.main(["--dataset_path", val_path, "--checkpoint_path", paths["ONNX"],
+                          *tiny_argv(image_height=24, image_width=24)])
+
+
 def test_wrong_export_requests_fail_clearly(exported, float_run, tmp_path):
     """AIR off Ascend, the wrong kind of checkpoint, an unreadable exported model."""
     checkpoint_path, _ = exported

@@ -2,6 +2,7 @@
 users hit first (data, checkpoints, config)."""
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
 from easydict import EasyDict
@@ -11,6 +12,7 @@ from mindspore import nn, Tensor
 
 from src import checkpoint, trainer
 from src.config import config_cpu
+from src.dataset import MEAN, STD, DatasetError, check_input_record, input_record
 from src.trainer import train, TrainingError
 
 from conftest import TINY, gradient_moved_all, tiny_argv
@@ -46,6 +48,51 @@ def test_float_then_qat_then_eval_through_the_scripts(demo_data, float_run, qat_
     assert f"result:{{'acc': {result['acc']}" in log and os.path.basename(last) in log
     with pytest.raises(SystemExit, match="--network float given, but .* holds a quant network"):
         eval_script.main(["--dataset_path", val_path, "--checkpoint_path", last, "--network", "float", *tiny_argv()])
+
+
+def test_checkpoints_record_their_input_and_eval_takes_it(demo_data, float_run, tmp_path, capsys):
+    """A checkpoint trained at 16x16 is evaluated at 16x16 unless another size is asked for (then a warning);
+    checkpoints written before the record load as before."""
+    _, val_path = demo_data
+    _, meta = checkpoint.read(float_run)
+    assert (meta["image_height"], meta["image_width"]) == (16, 16)
+    np.testing.assert_allclose(meta["input_mean"], MEAN)
+    np.testing.assert_allclose(meta["input_std"], STD)
+    capsys.readouterr()
+    explicit = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", float_run, *tiny_argv()])
+    assert "input size" not in capsys.readouterr().out  # the user said it: nothing to add
+    unsized = tiny_argv(without=("image_height", "image_width"))
+    recorded = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", float_run, *unsized])
+    out = capsys.readouterr().out
+    assert "input size 16x16, as" in out and "  image_height: 16\n" in out and recorded == explicit
+    eval_script.main(["--dataset_path", val_path, "--checkpoint_path", float_run, *unsized, "--image_height", "24"])
+    out = capsys.readouterr().out
+    assert "was trained on 16x16 images; using 24x16 as --image_height/--image_width ask" in out
+    # a checkpoint from before the record: loads, at the size given
+    entries, meta = checkpoint.read(float_run)
+    old = str(tmp_path / "old.ckpt")
+    ms.save_checkpoint([{"name": name, "data": value} for name, value in entries.items()], old,
+                       append_dict={k: v for k, v in meta.items() if k not in checkpoint.INPUT_KEYS})
+    assert "image_height" not in checkpoint.read(old)[1]
+    assert eval_script.main(["--dataset_path", val_path, "--checkpoint_path", old, *tiny_argv()]) == explicit
+
+
+def test_resume_of_another_run_is_refused_naming_what_differs(demo_data, qat_run, tmp_path):
+    with pytest.raises(TrainingError, match="trained with image_height 16, this run asks for 24: give "
+                                            "--image_height 16"):
+        train(tiny_config(image_height=24, start_epoch=2, epoch_size=2, save_checkpoint_path=str(tmp_path)),
+              demo_data[0], resume=qat_run[0])
+    with pytest.raises(TrainingError, match="follows a learning-rate schedule of 12 steps, this run one of 18: "
+                                            "resume with the run's --epoch_size"):
+        train(tiny_config(start_epoch=2, epoch_size=3, save_checkpoint_path=str(tmp_path)), demo_data[0],
+              resume=qat_run[0])
+
+
+def test_another_normalisation_is_refused():
+    config = tiny_config()
+    record = dict(input_record(config), input_mean=[127.5] * 3, input_std=[127.5] * 3)
+    with pytest.raises(DatasetError, match="m.ckpt was trained on inputs normalised with mean \\[127.5"):
+        check_input_record(config, record, "m.ckpt")
 
 
 def test_resume_continues_exactly(demo_data, float_run, tmp_path):

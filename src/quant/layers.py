@@ -32,6 +32,7 @@ class QuantConvBNAct(ConvBNAct):
         # the folded weights (and the checkpoint rank 0 writes) are the same on every rank.
         self.stats_all_reduce = ops.AllReduce(group=config.sync_group) if config.sync_group else None
         self.group_size = get_group_size(config.sync_group) if config.sync_group else 1
+        self.batch_norm_train = ops.BatchNorm(is_training=True, epsilon=BN_EPS, momentum=BN_MOMENTUM)
 
     def _fold_scale(self):
         return self.gamma / ops.sqrt(self.moving_variance + BN_EPS)
@@ -54,14 +55,20 @@ class QuantConvBNAct(ConvBNAct):
         return self.output_quant(y)
 
     def _batch_norm(self, conv_output):
-        y = ops.batch_norm(conv_output, self.moving_mean, self.moving_variance, self.gamma, self.beta, True,
-                           BN_MOMENTUM, BN_EPS)
-        if self.stats_all_reduce is not None:
-            # Every rank started from the same running statistics and moved them linearly by its own batch's:
-            # their mean is the running statistics moved by the mean of all batches' statistics.
-            stats = self.stats_all_reduce(ops.stack([self.moving_mean, self.moving_variance])) / self.group_size
-            ops.assign(self.moving_mean, stats[0])
-            ops.assign(self.moving_variance, stats[1])
+        if self.stats_all_reduce is None:
+            return ops.batch_norm(conv_output, self.moving_mean, self.moving_variance, self.gamma, self.beta, True,
+                                  BN_MOMENTUM, BN_EPS)
+        # Data parallel: normalise by this rank's batch statistics, move the running ones by the mean of all
+        # ranks'. The kernel's in-place update goes to throwaway tensors (read back after it, the Parameters were
+        # not reliably updated yet once gradients flowed: ranks drifted apart); its batch mean and biased
+        # variance come out as data, and the update below depends on them.
+        y, _, _, batch_mean, batch_variance = self.batch_norm_train(
+            conv_output, self.gamma, self.beta, ops.zeros_like(self.moving_mean), ops.ones_like(self.moving_variance))
+        count = conv_output.shape[0] * conv_output.shape[2] * conv_output.shape[3]
+        stats = ops.stop_gradient(ops.stack([batch_mean, batch_variance * (count / (count - 1))]))  # unbiased, as BN
+        stats = self.stats_all_reduce(stats) / self.group_size
+        ops.assign(self.moving_mean, (1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * stats[0])
+        ops.assign(self.moving_variance, (1 - BN_MOMENTUM) * self.moving_variance + BN_MOMENTUM * stats[1])
         return y
 
 
