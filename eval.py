@@ -18,6 +18,7 @@ from src.config import parse_args, print_config
 from src.dataset import DatasetError, check_input_record, create_dataset
 from src.evaluation import evaluate, mindir_predictor, network_predictor, onnx_predictor, parity
 from src.mobilenetV2 import network_from_config
+from src.quant.layers import quant_state_names
 
 EXPORTED = {".onnx": onnx_predictor, ".mindir": mindir_predictor}
 
@@ -32,10 +33,11 @@ def add_args(parser):
                         help="an exported model (.onnx, .mindir) to compare with the checkpoint, image by image")
 
 
-def load_network(path, config, expected_kind=None, given=frozenset()):
+def load_network(path, config, expected_kind=None, given=frozenset(), quantized=None):
     """The network a checkpoint holds, with its weights; config gets the checkpoint's classes, width, (for a
     quantized one) bit widths, and the input size it was trained at unless `given` (config keys the user set)
-    names it."""
+    names it. quantized=True builds the quantized network from a float checkpoint too (its ranges then untracked:
+    calibrate them)."""
     _, meta = checkpoint.read(path)
     check_input_record(config, meta, path, given)
     kind = meta["network_kind"]
@@ -44,8 +46,8 @@ def load_network(path, config, expected_kind=None, given=frozenset()):
     for key in checkpoint.NETWORK_KEYS:
         if key in meta:
             config[key] = type(config[key])(meta[key])
-    network = network_from_config(config, quantized=kind == checkpoint.QUANT)
-    checkpoint.load_into(network, path)
+    network = network_from_config(config, quantized=quantized or kind == checkpoint.QUANT)
+    checkpoint.load_into(network, path, allow_missing=quant_state_names(network) if kind == checkpoint.FLOAT else ())
     return network
 
 

@@ -26,6 +26,9 @@ def add_args(parser):
                         help="float checkpoint to start QAT, PTQ (required) or float training from")
     parser.add_argument("--reinit_classifier", action="store_true",
                         help="start from --pre_trained even if its classifier has another number of classes")
+    parser.add_argument("--eval_dataset_path", default=None,
+                        help="validation images, one folder per class: top-1/top-5 every --eval_interval epochs, "
+                             "the best network kept as <prefix>-best.ckpt")
     parser.add_argument("--resume", default=None,
                         help="continue a run exactly from one of its checkpoints ('latest': the newest one)")
     parser.add_argument("--run_distribute", type=parse_bool, default=False,
@@ -59,7 +62,8 @@ def main(argv=None):
         else:
             last = train(config, args.dataset_path, quantized=args.mode == "qat", pretrained=args.pre_trained,
                          resume=args.resume, reinit_classifier=args.reinit_classifier, rank=rank,
-                         group_size=group_size, sync_group=group)
+                         group_size=group_size, sync_group=group, eval_dataset_path=args.eval_dataset_path,
+                         progress=sys.stdout if sys.stdout.isatty() else None)  # redirected: the plain lines
     except (DatasetError, CheckpointError, TrainingError) as err:
         sys.exit(f"error: {err}")
     print(f"last checkpoint: {last}")

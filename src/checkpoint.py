@@ -15,7 +15,7 @@ import numpy as np
 NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits")
 # What it says about the input it was trained on (src.dataset.input_record): size and normalisation.
 INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
-META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num")
+META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num", "val_acc")
 FLOAT, QUANT = "float", "quant"
 # Names the training cell adds beside the network's own Parameters (optimizer and loss-scale state).
 TRAIN_STATE_PREFIXES = ("moments.", "learning_rate", "global_step", "momentum", "scale_sense", "loss_scaling_manager.")
@@ -30,15 +30,15 @@ def network_kind(network):
     return QUANT if getattr(network, "quantized", False) else FLOAT
 
 
-def save(cell, path, network, epoch_num, step_num, inputs=None):
+def save(cell, path, network, epoch_num, step_num, record=None):
     """Save `cell` (a network or the whole training cell) to `path` via a temporary file, so a run killed
-    mid-write never leaves a truncated checkpoint under the final name. `inputs`: what the network was trained on
-    (src.dataset.input_record), recorded with it."""
+    mid-write never leaves a truncated checkpoint under the final name. `record`: more metadata to keep with it,
+    e.g. the input the network was trained on (src.dataset.input_record) and its validation accuracy (val_acc)."""
     meta = {"network_kind": network_kind(network), "num_classes": network.num_classes,
             "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
     if network.quant_config is not None:
         meta.update(weight_bits=network.quant_config.weight_bits, act_bits=network.quant_config.act_bits)
-    for key, value in (inputs or {}).items():
+    for key, value in (record or {}).items():
         meta[key] = ms.Tensor(np.array(value, np.float32)) if isinstance(value, (list, tuple)) else value
     tmp = path[:-len(".ckpt")] + ".tmp.ckpt" if path.endswith(".ckpt") else path + ".tmp.ckpt"
     ms.save_checkpoint(cell, tmp, append_dict=meta)
@@ -53,7 +53,8 @@ def read(path, only=None):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        entries = ms.load_checkpoint(path, choice_func=None if only is None else lambda name: name in META_KEYS or name in only)
+        wanted = None if only is None else lambda name: name in META_KEYS or name in only
+        entries = ms.load_checkpoint(path, choice_func=wanted)
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
     meta = {}

@@ -26,6 +26,7 @@ _COMMON = dict(
     label_smooth=0.1,
     save_checkpoint=True,
     save_checkpoint_epochs=1,
+    save_checkpoint_steps=0,  # also every N global steps, mid-epoch included (0: at epoch ends only)
     keep_checkpoint_max=300,
     save_checkpoint_path="./checkpoint",
     # Quantization (QAT mode only). Steps are counted in epochs of this run.
@@ -45,6 +46,7 @@ _COMMON = dict(
     skip_bad_images=False,
     seed=1,
     log_interval=1,           # steps between per-step log lines
+    eval_interval=1,          # with train.py --eval_dataset_path: validate every N epochs (and after the last)
     # "float16": convolutions and the dense layer compute in FP16 (FP32 master weights; BN, fake quantization
     # and observers stay FP32), with the loss scale keeping small gradients from underflowing.
     compute_dtype="float32",
@@ -81,7 +83,8 @@ def _typed(default):
 def parse_args(description, add_script_args, argv=None):
     """Parse a script's own arguments plus `--key value` overrides of the config for `--device_target`.
 
-    Returns (args, config); args.config_given names the config keys the command line set. Unknown options and badly typed values stop the script with a message naming them.
+    Returns (args, config); args.config_given names the config keys the command line set. Unknown options and
+    badly typed values stop the script with a message naming them.
     """
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--device_target", default="CPU", choices=sorted(CONFIGS))
@@ -117,10 +120,12 @@ def validate(config):
         if not 2 <= config[key] <= 8:
             return f"--{key} must be between 2 and 8, got {config[key]}"
     for key in ("num_classes", "batch_size", "image_height", "image_width", "save_checkpoint_epochs",
-                "keep_checkpoint_max", "log_interval", "num_parallel_workers", "calibration_batches"):
+                "keep_checkpoint_max", "log_interval", "num_parallel_workers", "calibration_batches",
+                "eval_interval"):
         if config[key] < 1:
             return f"--{key} must be at least 1, got {config[key]}"
-    for key in ("epoch_size", "start_epoch", "warmup_epochs", "quant_delay_epochs", "freeze_bn_epochs",
+    for key in ("epoch_size", "start_epoch", "warmup_epochs", "save_checkpoint_steps", "quant_delay_epochs",
+                "freeze_bn_epochs",
                 "freeze_observer_epochs"):
         if config[key] < 0:
             return f"--{key} must not be negative, got {config[key]}"

@@ -127,3 +127,15 @@ class Epoch:
     @property
     def images_skipped(self):
         return self.data.num_images - self.images_seen
+
+
+def full_batches(epoch, batch_size, limit=None):
+    """(images, labels) of the first `limit` (None: all) full batches of `epoch` (an Epoch): one input shape, one
+    compiled graph."""
+    taken = 0
+    for images, labels in epoch:
+        if taken == limit:
+            return
+        if len(labels) == batch_size:
+            taken += 1
+            yield images, labels

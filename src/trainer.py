@@ -9,12 +9,13 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from src import checkpoint
-from src.dataset import check_input_record, create_dataset, Epoch, input_record
+from src.dataset import check_input_record, create_dataset, Epoch, full_batches, input_record
+from src.evaluation import evaluate, network_predictor
 from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import network_from_config
 from src.quant.layers import quant_state_names
-from src.quant.schedule import NEVER, QuantSchedule
+from src.quant.schedule import QuantSchedule, calibrate_ranges
 from src.utils import CrossEntropySmooth, Monitor
 
 NO_DECAY_SUFFIXES = ("gamma", "beta", "bias")
@@ -68,15 +69,16 @@ def checkpoint_prefix(quantized):
     return "mobilenetV2_quant" if quantized else "mobilenetV2_float"
 
 
-def _checkpoint_epoch(path):
-    found = re.search(r"-(\d+)_\d+\.ckpt$", path)
-    return int(found.group(1)) if found else -1
+def _checkpoint_position(path):
+    """(epoch, step in that epoch) from a name <prefix>-<epoch>_<step>.ckpt, epoch counted from 1 as the log's."""
+    found = re.search(r"-(\d+)_(\d+)\.ckpt$", path)
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def list_checkpoints(directory, quantized):
-    """This run's checkpoints in `directory`, oldest first."""
+    """This run's checkpoints in `directory` (epoch ends and mid-epoch ones), oldest first."""
     paths = glob.glob(os.path.join(directory, f"{checkpoint_prefix(quantized)}-*_*.ckpt"))
-    return sorted((p for p in paths if _checkpoint_epoch(p) >= 0), key=_checkpoint_epoch)
+    return sorted((p for p in paths if _checkpoint_position(p)), key=_checkpoint_position)
 
 
 def _check_resume(path, config, kind, schedule_steps, log):
@@ -96,22 +98,35 @@ def _check_resume(path, config, kind, schedule_steps, log):
                             f"--batch_size and dataset")
 
 
+def _build_network(config, quantized, sync_group=None):
+    network = network_from_config(config, quantized, sync_group)
+    set_compute_dtype(network, getattr(ms, config.compute_dtype))
+    return network
+
+
+def _count_full_batches(data, config):
+    """Full batches in `data` (a training pipeline): the partial last one is dropped, one shape, one graph."""
+    count = data.num_images // config.batch_size
+    if count == 0:
+        raise TrainingError(f"{data.source_path} has {data.num_images} images for this rank, fewer than one batch "
+                            f"of {config.batch_size}: lower --batch_size")
+    return count
+
+
 def train(config, dataset_path, quantized=True, pretrained=None, resume=None, reinit_classifier=False,
-          output_dir=None, rank=0, group_size=1, sync_group=None, log=print):
+          output_dir=None, rank=0, group_size=1, sync_group=None, eval_dataset_path=None, log=print, progress=None):
     """Train for config.epoch_size epochs (float, or QAT from the float checkpoint `pretrained`).
 
     resume: a checkpoint this function wrote ("latest" picks the newest in output_dir); training continues
-    exactly where it stood. Returns the path of the last checkpoint written (None if saving is off).
+    exactly where it stood. eval_dataset_path: validate every config.eval_interval epochs, as the deployed model
+    computes (inference mode), and keep the best network as <prefix>-best.ckpt. progress: a terminal stream for a
+    progress bar in place of the per-step lines. Returns the path of the last checkpoint written (None if saving
+    is off).
     """
     output_dir = output_dir or config.save_checkpoint_path
     ms.set_seed(config.seed)
-    network = network_from_config(config, quantized, sync_group)
-    set_compute_dtype(network, getattr(ms, config.compute_dtype))
-    probe = create_dataset(dataset_path, True, config, rank, group_size)
-    steps_per_epoch = probe.num_images // config.batch_size
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{dataset_path} has {probe.num_images} images for this rank, fewer than one batch "
-                            f"of {config.batch_size}: lower --batch_size")
+    network = _build_network(config, quantized, sync_group)
+    steps_per_epoch = _count_full_batches(create_dataset(dataset_path, True, config, rank, group_size), config)
     lr = get_lr(config.start_epoch * steps_per_epoch, 0.0, config.lr_end, config.lr, config.warmup_epochs,
                 config.start_epoch + config.epoch_size, steps_per_epoch)
     train_cell = make_train_cell(network, make_optimizer(network, lr, config), config)
@@ -135,18 +150,38 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
     elif quantized:
         log("warning: QAT from random initialisation; pass --pre_trained with a float checkpoint")
 
+    # A checkpoint written in the middle of an epoch: that epoch's first batches are already trained on. Its data
+    # order and augmentation are seeded by the epoch, so passing over them leaves the rest exactly as they were.
+    done_in_epoch = step - first_epoch * steps_per_epoch
+
     log(f"lr: this run sees {lr[0]:.6f} at its first step down to {lr[-1]:.6f} at its last: the tail, from epoch "
         f"{config.start_epoch}, of a {config.start_epoch + config.epoch_size}-epoch warm-up + cosine schedule "
         f"peaking at {config.lr}")
     schedule = quant_schedule(config, steps_per_epoch) if quantized else None
-    monitor = Monitor(config.epoch_size, steps_per_epoch, config.log_interval, log)
+    monitor = Monitor(config.epoch_size, steps_per_epoch, config.batch_size * group_size, config.log_interval, log,
+                      progress)
+    validation = create_dataset(eval_dataset_path, False, config) if eval_dataset_path and rank == 0 else None
+    best = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-best.ckpt")
+    # a resumed run keeps the best checkpoint of the epochs before the resume unless it beats it
+    best_acc = checkpoint.read(best, only=())[1].get("val_acc", -1.0) if resume and os.path.isfile(best) else -1.0
     os.makedirs(output_dir, exist_ok=True)
+    saving = rank == 0 and config.save_checkpoint
+
+    def save(epoch_num, name):
+        path = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-{name}.ckpt")
+        checkpoint.save(train_cell, path, network, epoch_num, step, input_record(config))
+        for old in list_checkpoints(output_dir, quantized)[:-config.keep_checkpoint_max]:
+            os.remove(old)
+        return path
+
     for epoch in range(first_epoch, config.epoch_size):
         epoch_data = Epoch(create_dataset(dataset_path, True, config, rank, group_size, epoch=epoch))
         monitor.epoch_begin()
         for i, (images, labels) in enumerate(epoch_data):
             if len(labels) < config.batch_size:
                 continue  # the partial last batch: one input shape, one compiled graph
+            if i < done_in_epoch:
+                continue
             if schedule is not None:
                 schedule.apply(network, step)
             monitor.step_begin()
@@ -154,20 +189,28 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
             loss = float(loss.asnumpy())
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at epoch {epoch}, step {i}: training stopped. The last good "
-                                    f"checkpoint is {last_saved or 'none (no epoch finished)'}; lower --lr or check "
+                                    f"checkpoint is {last_saved or 'none (none written yet)'}; lower --lr or check "
                                     f"the data and the pre-trained checkpoint")
             monitor.step_end(epoch, i, loss, float(lr[min(step, len(lr) - 1)]))
             step += 1
-        monitor.epoch_end()
+            if saving and config.save_checkpoint_steps and step % config.save_checkpoint_steps == 0 \
+                    and i + 1 < steps_per_epoch:  # at an epoch's end the epoch checkpoint follows
+                last_saved = save(epoch, f"{epoch + 1}_{i + 1}")
+        done_in_epoch = 0
+        monitor.epoch_end(epoch)
         if epoch_data.images_skipped:
             log(f"skipped {epoch_data.images_skipped} unreadable images in epoch {epoch}")
         done = epoch + 1
-        if rank == 0 and config.save_checkpoint and (done % config.save_checkpoint_epochs == 0
-                                                     or done == config.epoch_size):
-            last_saved = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-{done}_{steps_per_epoch}.ckpt")
-            checkpoint.save(train_cell, last_saved, network, done, step, input_record(config))
-            for old in list_checkpoints(output_dir, quantized)[:-config.keep_checkpoint_max]:
-                os.remove(old)
+        if saving and (done % config.save_checkpoint_epochs == 0 or done == config.epoch_size):
+            last_saved = save(done, f"{done}_{steps_per_epoch}")
+        if validation is not None and (done % config.eval_interval == 0 or done == config.epoch_size):
+            result = evaluate(network_predictor(network, config.batch_size), validation)
+            train_cell.set_train(True)  # the predictor put the network in inference mode
+            log(f"epoch: {done}, val acc: {result['acc']:.4f}, top5: {result['top5']:.4f}")
+            if config.save_checkpoint and result["acc"] > best_acc:
+                best_acc = result["acc"]
+                checkpoint.save(network, best, network, done, step, dict(input_record(config), val_acc=best_acc))
+                log(f"best val acc so far: {best}")
     return last_saved
 
 
@@ -177,34 +220,21 @@ def calibrate(config, dataset_path, pretrained, output_dir=None, log=print):
     shuffled, augmented images) with BN in inference mode, nothing rounded and no weight update; then rounding on
     and every range frozen. Returns the path of the quantized checkpoint written."""
     output_dir = output_dir or config.save_checkpoint_path
-    network = network_from_config(config, quantized=True)
-    set_compute_dtype(network, getattr(ms, config.compute_dtype))
+    network = _build_network(config, quantized=True)
     meta = checkpoint.load_into(network, pretrained, allow_missing=quant_state_names(network))
     if meta["network_kind"] != checkpoint.FLOAT:
         raise TrainingError(f"--mode ptq calibrates a float checkpoint; {pretrained} holds a {meta['network_kind']} "
                             f"network")
     log(f"loaded float checkpoint {pretrained}")
     check_input_record(config, meta, pretrained, log=log)
-    QuantSchedule(quant_delay=NEVER, freeze_bn=0).apply(network, 0)  # observe float activations, BN as inferred
-    network.set_train(True)  # observers move only in training mode
-    batches = 0
-    epoch_data = Epoch(create_dataset(dataset_path, True, config))
-    for images, labels in epoch_data:
-        if batches == config.calibration_batches:
-            break
-        if len(labels) == config.batch_size:  # one input shape, one compiled graph
-            network(Tensor(images))
-            batches += 1
-    if batches == 0:
-        raise TrainingError(f"{dataset_path} has fewer images than one batch of {config.batch_size}: lower "
-                            f"--batch_size")
+    data = create_dataset(dataset_path, True, config)
+    batches = min(_count_full_batches(data, config), config.calibration_batches)
     if batches < config.calibration_batches:
-        log(f"{dataset_path} holds only {batches} full batches of {config.batch_size}: calibrated on all of them "
+        log(f"{dataset_path} holds only {batches} full batches of {config.batch_size}: calibrating on all of them "
             f"(--calibration_batches {config.calibration_batches} asked for more)")
-    QuantSchedule(quant_delay=0, freeze_bn=0, freeze_observer=0).apply(network, 0)
-    network.set_train(False)
-    log(f"calibrated on {batches} batches ({batches * config.batch_size} images)")
+    done = calibrate_ranges(network, (x for x, _ in full_batches(Epoch(data), config.batch_size, batches)))
+    log(f"calibrated on {done} batches ({done * config.batch_size} images)")
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, f"{checkpoint_prefix(True)}_ptq-{batches}.ckpt")
+    path = os.path.join(output_dir, f"{checkpoint_prefix(True)}_ptq-{done}.ckpt")
     checkpoint.save(network, path, network, 0, 0, input_record(config))
     return path

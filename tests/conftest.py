@@ -48,7 +48,8 @@ def float_run(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qat_run(demo_data, float_run, tmp_path_factory):
-    """(checkpoint, log) of 2 QAT epochs from float_run through train.py, BN and observers frozen after one."""
+    """(checkpoint, log) of 2 QAT epochs from float_run through train.py, BN and observers frozen after one,
+    validated after each epoch."""
     import train as train_script
     out = str(tmp_path_factory.mktemp("qat"))
     log = io.StringIO()
@@ -56,7 +57,7 @@ def qat_run(demo_data, float_run, tmp_path_factory):
         last = train_script.main(["--dataset_path", demo_data[0], "--pre_trained", float_run, *tiny_argv(),
                                   "--start_epoch", "2", "--epoch_size", "2", "--lr", "0.05", "--freeze_bn_epochs", "1",
                                   "--freeze_observer_epochs", "1", "--save_checkpoint_path", out,
-                                  "--keep_checkpoint_max", "1"])
+                                  "--keep_checkpoint_max", "1", "--eval_dataset_path", demo_data[1]])
     return last, log.getvalue()
 
 

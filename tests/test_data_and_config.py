@@ -1,4 +1,5 @@
 """Bad input ends in a clear error naming the problem: dataset folders, image files, config overrides."""
+import io
 import os
 import shutil
 
@@ -110,3 +111,34 @@ def test_lr_schedule_warms_up_then_decays_and_qat_takes_its_tail():
     assert all(a >= b for a, b in zip(full[10:], full[11:])) and full[-1] < 1e-3
     tail = get_lr(30, 0.0, 0.0, 0.3, 1, 4, 10)
     assert len(tail) == 10 and (tail == full[30:]).all()
+
+
+class _Clock:
+    now = 0.0
+
+    def time(self):
+        return self.now
+
+
+def test_epoch_lines_give_speed_and_time_left_and_a_terminal_gets_a_progress_bar(monkeypatch):
+    from src import utils
+    clock = _Clock()
+    monkeypatch.setattr(utils, "time", clock)
+    lines, terminal = [], io.StringIO()
+    for progress in (None, terminal):
+        clock.now = 0.0
+        monitor = utils.Monitor(epoch_size=3, steps_per_epoch=4, images_per_step=8, log=lines.append,
+                                progress=progress)
+        monitor.epoch_begin()
+        for step in range(4):
+            monitor.step_begin()
+            clock.now += 2.5
+            monitor.step_end(0, step, 1.0 + step, 0.1)
+        monitor.epoch_end(0)
+    # redirected: the original per-step lines, then the epoch line: 32 images in 10 s, 2 more epochs of 10 s
+    assert lines[0] == "epoch: [  0/  3], step:[    0/    4], loss:[1.000/1.000], time:[2500.000], lr:[0.100000]"
+    assert lines[4] == ("epoch time: 10000.000, per step time: 2500.000, avg loss: 2.500, 3.2 img/s, "
+                        "time left: 0:00:20")
+    # on a terminal: a bar redrawn in place instead of the per-step lines; the epoch line as before
+    assert lines[5:] == lines[4:5]
+    assert terminal.getvalue().count("\r") == 4 and f"[{'#' * 30}] 4/4 loss 4.000, 3.2 img/s" in terminal.getvalue()

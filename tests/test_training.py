@@ -1,7 +1,12 @@
 """End to end on a tiny demo dataset: float training, QAT from it, evaluation, exact resume, and the errors
 users hit first (data, checkpoints, config)."""
 import os
+import re
 import shutil
+import struct
+import subprocess
+import sys
+import time
 
 import mindspore as ms
 import numpy as np
@@ -13,10 +18,11 @@ from mindspore import nn, Tensor
 
 from src import checkpoint, trainer
 from src.config import config_cpu
+from src.curves import read_curves
 from src.dataset import MEAN, STD, DatasetError, check_input_record, input_record
 from src.trainer import train, TrainingError
 
-from conftest import TINY, gradient_moved_all, tiny_argv
+from conftest import ROOT, TINY, gradient_moved_all, tiny_argv
 
 
 def tiny_config(**overrides):
@@ -32,10 +38,13 @@ def test_float_then_qat_then_eval_through_the_scripts(demo_data, float_run, qat_
     _, val_path = demo_data
     _, meta = checkpoint.read(float_run)
     assert meta["network_kind"] == "float" and meta["epoch_num"] == 2
-    last, log = qat_run
-    assert "effective config:" in log and "lr: this run sees" in log
-    assert "epoch: [  1/  2], step:[    5/    6], loss:[" in log and "per step time:" in log
-    assert os.listdir(os.path.dirname(last)) == [os.path.basename(last)]  # keep_checkpoint_max 1
+    last, train_log = qat_run
+    assert "effective config:" in train_log and "lr: this run sees" in train_log
+    assert "epoch: [  1/  2], step:[    5/    6], loss:[" in train_log and "per step time:" in train_log
+    assert re.search(r"avg loss: [\d.]+, [\d.]+ img/s, time left: 0:00:00\n", train_log)  # the last epoch's line
+    # keep_checkpoint_max 1, and the best validated network beside it
+    best = os.path.join(os.path.dirname(last), "mobilenetV2_quant-best.ckpt")
+    assert sorted(os.listdir(os.path.dirname(last))) == sorted([os.path.basename(last), os.path.basename(best)])
     params, meta = _params(last)
     assert meta["network_kind"] == "quant" and meta["epoch_num"] == 2 and meta["step_num"] == 12
     assert params["features.0.bn_frozen"] == 1 and params["input_quant.observer.enabled"] == 0
@@ -49,6 +58,13 @@ def test_float_then_qat_then_eval_through_the_scripts(demo_data, float_run, qat_
     assert f"result:{{'acc': {result['acc']}" in log and os.path.basename(last) in log
     with pytest.raises(SystemExit, match="--network float given, but .* holds a quant network"):
         eval_script.main(["--dataset_path", val_path, "--checkpoint_path", last, "--network", "float", *tiny_argv()])
+    # validation during training: each epoch's figures, the best network kept, scored as eval.py scores it
+    validated = [float(acc) for acc in re.findall(r"epoch: [12], val acc: ([\d.]+), top5: [\d.]+\n", train_log)]
+    assert len(validated) == 2
+    _, best_meta = checkpoint.read(best)
+    assert best_meta["val_acc"] == pytest.approx(max(validated), abs=1e-4)
+    assert eval_script.main(["--dataset_path", val_path, "--checkpoint_path", best, *tiny_argv()])["acc"] == \
+        pytest.approx(best_meta["val_acc"])
 
 
 def test_checkpoints_record_their_input_and_eval_takes_it(demo_data, float_run, tmp_path, capsys):
@@ -98,14 +114,20 @@ def test_another_normalisation_is_refused():
 
 def test_resume_continues_exactly(demo_data, float_run, tmp_path):
     train_path, _ = demo_data
+    """QAT, 3 epochs of 6 steps with a checkpoint every 4 steps, against the same run resumed from its checkpoint
+    in the middle of epoch 2 (BN and observers freeze at the start of epoch 3, after the resume)."""
     config = dict(start_epoch=2, epoch_size=3, lr=0.05, freeze_bn_epochs=2, freeze_observer_epochs=2,
-                  loss_scale_type="dynamic")
+                  loss_scale_type="dynamic", save_checkpoint_steps=4, keep_checkpoint_max=4)
     straight = train(tiny_config(**config, save_checkpoint_path=str(tmp_path / "a")), train_path,
                      pretrained=float_run)
-    # the same run killed after epoch 1 (of 3) leaves its first checkpoint; a new run resumes from it
+    # step checkpoints at global steps 4, 8, 16 and epoch ones; the newest 4 of them all are kept
+    assert sorted(os.listdir(tmp_path / "a")) == [f"mobilenetV2_quant-{n}.ckpt" for n in ("2_2", "2_6", "3_4", "3_6")]
+    mid_epoch = checkpoint.read(str(tmp_path / "a" / "mobilenetV2_quant-2_2.ckpt"))[1]
+    assert (mid_epoch["epoch_num"], mid_epoch["step_num"]) == (1, 8)
+    # the same run killed after global step 8 leaves that checkpoint; a new run resumes from it
     resumed_dir = tmp_path / "b"
     resumed_dir.mkdir()
-    shutil.copy(tmp_path / "a" / "mobilenetV2_quant-1_6.ckpt", resumed_dir)
+    shutil.copy(tmp_path / "a" / "mobilenetV2_quant-2_2.ckpt", resumed_dir)
     resumed = train(tiny_config(**config, save_checkpoint_path=str(resumed_dir)), train_path, resume="latest")
     want, _ = _params(straight)
     got, meta = _params(resumed)
@@ -113,6 +135,35 @@ def test_resume_continues_exactly(demo_data, float_run, tmp_path):
     assert meta["epoch_num"] == 3 and meta["step_num"] == 18
     assert set(want) == set(got)
     assert any(name.startswith("moments.") for name in got)  # the optimizer state is in the checkpoint
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_float_run_killed_mid_epoch_resumes_to_the_same_weights(demo_data, float_run, tmp_path):
+    """float_run's own command with a checkpoint every 2 steps, killed (SIGKILL) once it has written the one in
+    the middle of epoch 2, then resumed: it ends where float_run ended, bit for bit."""
+    import train as train_script
+    out = tmp_path / "killed"
+    argv = ["--mode", "float", "--dataset_path", demo_data[0], *tiny_argv(), "--start_epoch", "0", "--epoch_size",
+            "2", "--lr", "0.05", "--save_checkpoint_path", str(out), "--save_checkpoint_steps", "2"]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mid_epoch = out / "mobilenetV2_float-2_2.ckpt"
+    deadline = time.time() + 900
+    while not mid_epoch.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert mid_epoch.exists()
+    # the kill may land a step or two later: what was written after the mid-epoch checkpoint goes
+    written = trainer.list_checkpoints(str(out), quantized=False)
+    for path in written[written.index(str(mid_epoch)) + 1:]:
+        os.remove(path)
+    resumed = train_script.main(argv + ["--resume", "latest"])
+    got, meta = _params(resumed)
+    want, _ = _params(float_run)
+    assert gradient_moved_all(_params(str(mid_epoch))[0], got)
+    assert meta["epoch_num"] == 2 and meta["step_num"] == 12 and set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
@@ -163,6 +214,80 @@ def test_ptq_calibrates_without_training(demo_data, float_run, tmp_path, capsys)
 
     with pytest.raises(SystemExit, match="--mode ptq calibrates the float checkpoint --pre_trained"):
         train_script.main(["--mode", "ptq", "--dataset_path", demo_data[0], *tiny_argv()])
+    with pytest.raises(SystemExit, match="has 48 images for this rank, fewer than one batch of 64: lower "
+                                         "--batch_size"):
+        train_script.main(["--mode", "ptq", "--pre_trained", float_run, "--dataset_path", demo_data[0],
+                           *tiny_argv(batch_size=64), "--save_checkpoint_path", out])
     with pytest.raises(SystemExit, match="--mode ptq calibrates a float checkpoint; .* holds a quant network"):
         train_script.main(["--mode", "ptq", "--pre_trained", path, "--dataset_path", demo_data[0], *tiny_argv(),
                            "--save_checkpoint_path", out])
+
+
+def test_plot_draws_the_curves_of_a_training_log(qat_run, tmp_path, monkeypatch):
+    import plot as plot_script
+    _, log = qat_run
+    log_path = tmp_path / "train.log"
+    log_path.write_text(log)
+    training, validation = read_curves(log)
+    # the figures are the log's own: each epoch's average loss, the lr of its last step, the validation lines
+    assert training["epoch"] == [1, 2] and validation["epoch"] == [1, 2]
+    assert training["loss"] == [float(x) for x in re.findall(r"avg loss: ([\d.]+),", log)]
+    assert training["lr"] == [float(x) for x in re.findall(r"step:\[    5/    6\].*lr:\[([\d.]+)\]", log)]
+    assert validation["top1"] == [float(x) for x in re.findall(r"val acc: ([\d.]+)", log)]
+    png = plot_script.main([str(log_path), "--output", str(tmp_path / "curves.png")])
+    with open(png, "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (800, 900)
+    empty = tmp_path / "empty.log"
+    empty.write_text("nothing\n")
+    with pytest.raises(SystemExit, match="no epoch lines in the log"):
+        plot_script.main([str(empty)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="plot.py needs matplotlib, which is not installed: pip install matplotlib"):
+        plot_script.main([str(log_path)])
+
+
+def test_sensitivity_report_measures_each_tensor_alone(demo_data, float_run, qat_run, tmp_path, capsys):
+    import analyze
+    from eval import load_network
+    from src.dataset import Epoch, create_dataset
+    from src.evaluation import network_predictor
+    from src.sensitivity import quantizers
+    _, val_path = demo_data
+    last, _ = qat_run
+    report, chart = tmp_path / "sensitivity.md", tmp_path / "sensitivity.png"
+    reference, everything, rows = analyze.main(["--checkpoint_path", last, "--dataset_path", val_path, *tiny_argv(),
+                                                "--report", str(report), "--output", str(chart)])
+    out = capsys.readouterr().out
+    assert "7-bit weights, 8-bit activations" in out and "weakest: " in out and report.read_text() in out
+    with open(chart, "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1000, 1000)
+    # the figures of two tensors, a weight and an activation, computed directly
+    config = tiny_config()
+    network = load_network(last, config)
+    found = quantizers(network)
+    # weights, conv and classifier outputs, residual sums, the input and the pooling
+    assert len(rows) == len(found) == 53 + 53 + 11 + 2
+    data = list(Epoch(create_dataset(val_path, False, config)))[:3]  # the 3 full batches of 8
+    images, labels = [b[0] for b in data], np.concatenate([b[1] for b in data])
+    predict = network_predictor(network, config.batch_size)
+
+    def logits_with_only(index):
+        for i, (_, quantizer) in enumerate(found):
+            quantizer.quant_enabled.set_data(ms.Tensor(1.0 if i == index else 0.0, ms.float32))
+        return np.concatenate([predict(batch) for batch in images]).astype(np.float64)
+
+    float_logits = logits_with_only(None)
+    assert reference["acc"] == np.mean(np.argmax(float_logits, 1) == labels)
+    for index in (3, 4):  # features.1's depthwise weights and that layer's output
+        logits = logits_with_only(index)
+        assert rows[index]["kind"] == ("weights" if index == 3 else "activation")
+        assert rows[index]["acc"] == np.mean(np.argmax(logits, 1) == labels)
+        noise = np.sum((logits - float_logits) ** 2)
+        assert rows[index]["sqnr_db"] == pytest.approx(10 * np.log10(np.sum(float_logits ** 2) / noise), rel=1e-6)
+    assert everything["sqnr_db"] < min(row["sqnr_db"] for row in rows)  # all tensors cost more than any one
+    # a float checkpoint: calibrated first on the same images, then measured alike
+    _, _, float_rows = analyze.main(["--checkpoint_path", float_run, "--dataset_path", val_path, *tiny_argv(),
+                                     "--report", str(report), "--output", str(chart)])
+    assert "ranges calibrated on the 3 batches measured" in capsys.readouterr().out and len(float_rows) == len(rows)

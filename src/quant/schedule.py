@@ -48,3 +48,18 @@ class QuantSchedule:
         set_switches(network, OBSERVERS, "enabled", observing)
         self._applied = state
         return state
+
+
+def calibrate_ranges(network, batches):
+    """Post-training calibration of a quantized network: its observers watch every image batch of `batches` with
+    BN in inference mode (running statistics, folded) and nothing rounded, no weight moving; then rounding is
+    switched on and every range frozen. Returns the number of batches seen."""
+    QuantSchedule(quant_delay=NEVER, freeze_bn=0).apply(network, 0)
+    network.set_train(True)  # observers move only in training mode
+    seen = 0
+    for images in batches:
+        network(Tensor(images))
+        seen += 1
+    QuantSchedule(quant_delay=0, freeze_bn=0, freeze_observer=0).apply(network, 0)
+    network.set_train(False)
+    return seen
