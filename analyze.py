@@ -47,7 +47,7 @@ def main(argv=None):
                  f"--batch_size")
     if kind == checkpoint.FLOAT:
         calibrate_ranges(network, (images for images, _ in batches))
-        print(f"float checkpoint: ranges calibrated on the {len(batches)} batches measured")
+        print(f"float checkpoint: ranges calibrated on the {len(batches)} batch(es) measured")
     images, labels = [b[0] for b in batches], np.concatenate([b[1] for b in batches])
     reference, everything, rows = measure(network, images, labels, config.batch_size)
     bits = f"{network.quant_config.weight_bits}-bit weights, {network.quant_config.act_bits}-bit activations"

@@ -63,18 +63,31 @@ def _observer_state(net):
             if n.endswith(("min_val", "max_val", "max_abs", "moving_mean", "moving_variance"))}
 
 
-def test_observers_move_in_a_graph_training_step_and_stay_once_frozen(float_checkpoint, tmp_path):
-    net = quant_net(float_checkpoint, ema_decay=0.5)
-    config = EasyDict(dict(config_cpu, num_classes=CLASSES))
-    train_cell = make_train_cell(net, make_optimizer(net, get_lr(0, 0, 0, 0.01, 0, 1, 4), config), config)
-    schedule = QuantSchedule(quant_delay=0, freeze_bn=2, freeze_observer=2)
-    labels = Tensor(np.arange(BATCH) % CLASSES, ms.int32)
+LABELS = Tensor(np.arange(BATCH) % CLASSES, ms.int32)
+CONFIG = EasyDict(dict(config_cpu, num_classes=CLASSES))
 
+
+def _train_cell(net):
+    return make_train_cell(net, make_optimizer(net, get_lr(0, 0, 0, 0.01, 0, 1, 4), CONFIG), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def first_step(float_checkpoint):
+    """The quantized network from float_checkpoint after one FP32 training step (rounding on, BN and observers
+    moving), with its training cell, its schedule, and that step's (loss, overflow). One graph compile shared."""
+    net = quant_net(float_checkpoint, ema_decay=0.5)
+    train_cell = _train_cell(net)
+    schedule = QuantSchedule(quant_delay=0, freeze_bn=2, freeze_observer=2)
     schedule.apply(net, 0)
-    train_cell(images(1), labels)
+    loss, overflow, _ = train_cell(images(1), LABELS)
+    return net, train_cell, schedule, (float(loss.asnumpy()), bool(overflow.asnumpy()))
+
+
+def test_observers_move_in_a_graph_training_step_and_stay_once_frozen(first_step, tmp_path):
+    net, train_cell, schedule, _ = first_step
     before = _observer_state(net)
     schedule.apply(net, 1)
-    train_cell(images(2), labels)
+    train_cell(images(2), LABELS)
     after = _observer_state(net)
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
     assert any(n.endswith("min_val") for n in moved) and any(n.endswith("max_abs") for n in moved)
@@ -82,7 +95,7 @@ def test_observers_move_in_a_graph_training_step_and_stay_once_frozen(float_chec
 
     schedule.apply(net, 2)  # BN and observers frozen
     weight_before = net.classifier.weight.asnumpy().copy()
-    train_cell(images(3), labels)
+    train_cell(images(3), LABELS)
     frozen = _observer_state(net)
     assert [n for n in after if not np.array_equal(after[n], frozen[n])] == []
     assert not np.array_equal(weight_before, net.classifier.weight.asnumpy())  # the weights still train
@@ -131,20 +144,15 @@ def test_float_checkpoint_mismatches_are_named(float_checkpoint, tmp_path):
         checkpoint.load_into(q_net, str(garbage))
 
 
-def test_mixed_precision_computes_convolutions_in_fp16_and_keeps_quantization_fp32(float_checkpoint):
+def test_mixed_precision_computes_convolutions_in_fp16_and_keeps_quantization_fp32(float_checkpoint, first_step):
+    """The first step of first_step's network, in FP16 (the first step does not depend on ema_decay)."""
+    fp32_loss, fp32_overflow = first_step[3]
     net = quant_net(float_checkpoint)
-    config = EasyDict(dict(config_cpu, num_classes=CLASSES))
-    labels = Tensor(np.arange(BATCH) % CLASSES, ms.int32)
-    losses = {}
-    for dtype in (ms.float32, ms.float16):
-        net = quant_net(float_checkpoint)
-        set_compute_dtype(net, dtype)
-        train_cell = make_train_cell(net, make_optimizer(net, get_lr(0, 0, 0, 0.01, 0, 1, 4), config), config)
-        loss, overflow, _ = train_cell(images(1), labels)
-        losses[dtype] = float(loss.asnumpy())
-        assert not overflow.asnumpy()
-        assert all(p.dtype == ms.float32 for p in net.get_parameters())  # FP32 master weights and observers
+    set_compute_dtype(net, ms.float16)
+    loss, overflow, _ = _train_cell(net)(images(1), LABELS)
+    assert not overflow.asnumpy() and not fp32_overflow
+    assert all(p.dtype == ms.float32 for p in net.get_parameters())  # FP32 master weights and observers
     # FP16 products: close to the FP32 step, and not the same computation. Percent level, not less: FP16 inputs
     # move some values across a rounding boundary of the activation quantizers (measured 1.2% to 2.1%).
-    assert losses[ms.float16] == pytest.approx(losses[ms.float32], rel=5e-2)
-    assert losses[ms.float16] != losses[ms.float32]
+    assert float(loss.asnumpy()) == pytest.approx(fp32_loss, rel=5e-2)
+    assert float(loss.asnumpy()) != fp32_loss
