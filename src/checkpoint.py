@@ -71,12 +71,13 @@ def read(path, only=None):
     return entries, meta
 
 
-def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train_state=None):
+def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train_state=None, log=print):
     """Load checkpoint `path` into `network` (and `train_state`, a training cell, if given) by name.
 
     allow_missing: names of `network` the checkpoint may lack (they keep their initial values), e.g. the
     quantizers' state when a float checkpoint starts QAT. reinit_classifier: a classifier of another shape
-    (another number of classes) is left initialised instead of failing. Returns the checkpoint's metadata.
+    (another number of classes) is left initialised instead of failing, and `log` says so. Returns the
+    checkpoint's metadata.
     """
     entries, meta = read(path)
     target = (train_state or network).parameters_dict()
@@ -88,7 +89,8 @@ def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train
     if reinit_classifier:
         kept = [s for s in wrong_shape if not s.startswith(CLASSIFIER_PREFIX)]
         if len(kept) < len(wrong_shape):
-            print(f"re-initialising the classifier: checkpoint shape differs ({', '.join(set(wrong_shape) - set(kept))})")
+            differing = ", ".join(sorted(set(wrong_shape) - set(kept)))
+            log(f"re-initialising the classifier: checkpoint shape differs ({differing})")
             entries = {k: v for k, v in entries.items() if not k.startswith(CLASSIFIER_PREFIX)}
             missing = [m for m in missing if not m.startswith(CLASSIFIER_PREFIX)]
             wrong_shape = kept

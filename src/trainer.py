@@ -144,7 +144,8 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
         log(f"resumed from {resume}: epoch {first_epoch}, global step {step}")
     elif pretrained:
         allow = quant_state_names(network) if quantized else ()
-        meta = checkpoint.load_into(network, pretrained, allow_missing=allow, reinit_classifier=reinit_classifier)
+        meta = checkpoint.load_into(network, pretrained, allow_missing=allow, reinit_classifier=reinit_classifier,
+                                    log=log)
         log(f"loaded {meta['network_kind']} checkpoint {pretrained}")
         check_input_record(config, meta, pretrained, log=log)
     elif quantized:
