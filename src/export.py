@@ -6,7 +6,8 @@ from mindspore import Tensor
 
 from src.kernels import use_mindspore_ops
 from src.onnx_export import export_onnx
-from src.quant.schedule import OBSERVERS, set_switches
+from src.quant.observers import Observer
+from src.quant.schedule import set_switches
 
 FORMATS = ("MINDIR", "AIR", "ONNX")
 
@@ -20,7 +21,7 @@ def freeze_ranges(network, image_height, image_width):
     current weights (as evaluation does), then all observers stop, so the exported graph holds constants."""
     network.set_train(False)  # weight ranges as evaluation computes them; activation ranges left as trained
     network(Tensor(np.zeros((1, 3, image_height, image_width), np.float32)))
-    set_switches(network, OBSERVERS, "enabled", False)
+    set_switches(network, Observer, "enabled", False)
 
 
 def export(network, file_name, file_format, batch_size, image_height, image_width, device_target):

@@ -134,3 +134,86 @@ def test_kernel_cache_is_keyed_by_the_instruction_sets_the_compiler_targets():
         assert (flag in flags) == (macro in native), flag
     if cpu_kernel_library():
         assert cpu_kernel_library() == kernels.library_path(native)
+
+
+class _Stats(nn.Cell):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, y):
+        return self.op(y)
+
+
+@pytest.mark.parametrize("mean", [0.0, 300.0], ids=["centred", "far-from-zero"])
+def test_channel_stats_in_one_pass(library, mean):
+    """Mean, biased variance, min and max per channel, against NumPy in float64 (a mean far from 0 must not cancel
+    the variance away); the gradient from the mean and variance rows against MindSpore's ops."""
+    from src.kernels import channel_stats_op
+    from src.quant.layers import channel_stats
+    rng = np.random.default_rng(4)
+    y = rng.normal(mean, 2.0, (3, 5, 37, 29)).astype(f32)  # a plane longer than the kernel's float chunks
+    y[2, 1, 3, 4], y[0, 3, 0, 0] = mean - 40.0, mean + 50.0
+    got = _Stats(channel_stats_op(library))(Tensor(y)).asnumpy()
+    wide = y.astype(np.float64)
+    np.testing.assert_allclose(got[0], wide.mean((0, 2, 3)), rtol=1e-6, atol=1e-6 * 2.0)  # 1e-6 of the std
+    np.testing.assert_allclose(got[1], wide.var((0, 2, 3)), rtol=1e-5)
+    np.testing.assert_array_equal(got[2], y.min((0, 2, 3)))
+    np.testing.assert_array_equal(got[3], y.max((0, 2, 3)))
+    sens = np.zeros((4, 5), f32)
+    sens[:2] = rng.normal(0, 1, (2, 5))
+    grad = ops.GradOperation(sens_param=True)
+    ours = grad(_Stats(channel_stats_op(library)))(Tensor(y), Tensor(sens)).asnumpy()
+    stock = grad(_Stats(channel_stats))(Tensor(y), Tensor(sens)).asnumpy()
+    np.testing.assert_allclose(ours, stock, rtol=1e-4, atol=1e-6)
+
+
+class _QuantizedAffine(nn.Cell):
+    """quantizer.affine_act(y, a, b, activation, channel_extremes), the output of a quantized layer."""
+
+    def __init__(self, quantizer, activation):
+        super().__init__()
+        self.quantizer, self.activation = quantizer, activation
+
+    def construct(self, y, a, b, extremes):
+        return self.quantizer.affine_act(y, a, b, self.activation, extremes)
+
+
+@pytest.mark.parametrize("activation", [True, False], ids=["relu6", "linear"])
+@pytest.mark.parametrize("rounding", [True, False], ids=["rounding", "no-rounding"])
+def test_affine_act_fake_quant_kernel_is_the_ops_bits(library, activation, rounding):
+    """act(a * y + b) fake-quantized, in one pass: the same bits as MindSpore's ops, the observer's range taken from
+    y's channel extremes equal to the output's own min and max, and the same gradients for y, a and b."""
+    from src.quant.quantizer import activation_quantizer
+    rng = np.random.default_rng(6)
+    y = rng.normal(0.5, 2.0, (4, 6, 9, 11)).astype(f32)
+    a = rng.normal(0, 1.5, 6).astype(f32)  # some negative: their channel's ends swap
+    b = rng.normal(0, 1, 6).astype(f32)
+    extremes = np.stack([y.min((0, 2, 3)), y.max((0, 2, 3))])
+    inputs = [Tensor(v) for v in (y, a, b, extremes)]
+    results = []
+    for kernels in (True, False):
+        quantizer = activation_quantizer(QuantConfig())
+        if not kernels:
+            use_mindspore_ops(quantizer)
+        assert (quantizer.fake_quant.affine_act_kernel is not None) == kernels
+        quantizer.quant_enabled.set_data(Tensor(f32(rounding)))
+        cell = _QuantizedAffine(quantizer, activation)
+        cell.set_train(True)  # the observer sees this batch (its first: the range is the batch's)
+        out = cell(*inputs).asnumpy()
+        observed = [quantizer.observer.min_val.asnumpy().item(), quantizer.observer.max_val.asnumpy().item()]
+        sens = Tensor(rng.normal(0, 1, y.shape).astype(f32)) if not results else results[0][3]
+        grads = ops.GradOperation(get_all=True, sens_param=True)(cell)(*inputs, sens)
+        results.append((out, observed, [g.asnumpy() for g in grads[:3]], sens))
+    (ours, ours_range, ours_grads, _), (stock, stock_range, stock_grads, _) = results
+    np.testing.assert_array_equal(ours, stock)
+    exact = a[None, :, None, None] * y + b[None, :, None, None]  # float32: a product, then a sum
+    if activation:
+        exact = np.clip(exact, 0, 6)
+    assert ours_range == stock_range == [min(exact.min(), 0.0), exact.max()] or \
+        ours_range == stock_range == [exact.min(), exact.max()]
+    assert rounding or np.array_equal(ours, exact)
+    assert rounding == (not np.array_equal(ours, exact))
+    for got, want in zip(ours_grads, stock_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.count_nonzero(ours_grads[0]) > 0.3 * y.size

@@ -26,7 +26,10 @@ from src.quant.schedule import QuantSchedule
 from src.trainer import make_optimizer, make_train_cell
 
 PATHS = ("kernels", "mindspore_ops")
-CONFIG = EasyDict(dict(config_cpu, **dict(LEARNED, batch_size=16)))
+# 64 images: with 16 the rounding-on median cosine depended on the machine that trained the fixture network (0.97
+# on an AVX2-only CPU, 0.74 on an AVX-512 one, same code): quantization noise in the backward signal of one small
+# batch. With 64 it averages out (0.946 on the AVX-512 machine).
+CONFIG = EasyDict(dict(config_cpu, **dict(LEARNED, batch_size=64)))
 
 
 def _cosine(a, b):
@@ -76,7 +79,7 @@ class _OneStep:
 
 @pytest.fixture(scope="module")
 def batch(learning_data):
-    """16 training images (shuffled, augmented, seeded) and their labels."""
+    """64 training images (shuffled, augmented, seeded) and their labels."""
     images, labels = next(iter(Epoch(create_dataset(learning_data[0], True, CONFIG))))
     return Tensor(images), Tensor(labels)
 

@@ -110,7 +110,7 @@ def test_per_channel_weight_quantizer_matches_numpy(shape):
 
 def test_per_channel_observer_takes_any_channel_axis():
     w = np.random.default_rng(2).normal(0, 1, (3, 3, 5, 2)).astype(f32)  # TF depthwise layout: channel last
-    observer = PerChannelAbsMaxObserver(127, w.shape, channel_axis=-1)
+    observer = PerChannelAbsMaxObserver(-127, 127, w.shape, channel_axis=-1)
     observer(Tensor(w))
     np.testing.assert_array_equal(observer.max_abs.asnumpy().ravel(), np.abs(w).reshape(-1, 2).max(axis=0))
 

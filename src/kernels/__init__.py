@@ -4,7 +4,10 @@ CPU kernels were the bottleneck of a training step (measured; see README, Perfor
 - direct_conv.cc: convolutions larger than 1x1. MindSpore's CPU Conv2D gives oneDNN plain NCHW tensors, and
   oneDNN then runs depthwise and other non-1x1 convolutions with its reference implementation: 90% of a float
   MobileNetV2 training step. 1x1 convolutions take oneDNN's fast path and stay as they are.
-- fake_quant.cc: per-tensor fake quantization and min/max observation in one pass each.
+- fake_quant.cc: per-tensor fake quantization and min/max observation in one pass each, and the output of a
+  quantized Conv+BN(+ReLU6) layer: per-channel statistics of the convolution's output in one pass, then BN's
+  affine, the activation and the fake quantization in another (written out as ops, each a pass of its own and a
+  tensor kept for backward).
 
 On GPU and Ascend, and on CPU without a C++ compiler (a warning says so), the same computations run as
 MindSpore ops. The C++ sources are compiled with the machine's g++ on first use into a per-user cache.
@@ -154,3 +157,26 @@ def fake_quant_per_tensor_ops(library):
 def min_max_op(library):
     """Custom operator x -> float32 [min(x), max(x)] in one pass."""
     return ops.Custom(f"{library}:MinMax", lambda _: [2], ms.float32, "aot")
+
+
+def channel_stats_op(library):
+    """Custom operator y (N, C, H, W) -> float32 [4, C]: each channel's mean, biased variance, min and max, in one
+    pass. Its gradient flows from the mean and the variance; the min and max rows feed observers, which take none."""
+    gradient = ops.Custom(f"{library}:ChannelStatsGrad", _shape_of(1), ms.float32, "aot")
+
+    def bprop(y, out, dout):
+        return (gradient(dout, y, out),)
+    return ops.Custom(f"{library}:ChannelStats", lambda y: [4, y[1]], ms.float32, "aot", bprop=bprop)
+
+
+def affine_act_fake_quant_op(library):
+    """Custom operator (y, a, b, scale, zero_point, settings) -> fake_quant(act(a * y + b)) with a, b per channel of
+    y (N, C, H, W), settings float32 [qmin, qmax, enabled, act_low, act_high]; see fake_quant.cc. Its gradient
+    recomputes act(a * y + b) from y and gives y's, a's and b's."""
+    gradient = ops.Custom(f"{library}:AffineActFakeQuantGrad",
+                          lambda dout, y, a, b, *_: (list(y), list(a), list(b)), (ms.float32,) * 3, "aot")
+
+    def bprop(y, a, b, scale, zero_point, settings, out, dout):
+        dy, da, db = gradient(dout, y, a, b, scale, zero_point, settings)
+        return dy, da, db, ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(settings)
+    return ops.Custom(f"{library}:AffineActFakeQuant", _shape_of(0), ms.float32, "aot", bprop=bprop)

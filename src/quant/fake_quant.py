@@ -7,7 +7,7 @@ CPU, GPU and Ascend alike (the fused FakeQuantPerLayer primitives have no CPU ke
 import numpy as np
 from mindspore import nn, ops, Tensor
 
-from src.kernels import cpu_kernel_library, fake_quant_per_tensor_ops
+from src.kernels import affine_act_fake_quant_op, cpu_kernel_library, fake_quant_per_tensor_ops
 
 
 def quant_range(num_bits, signed, narrow_range=False):
@@ -38,7 +38,7 @@ class FakeQuantize(nn.Cell):
     none (they come from min/max observers, not from learning). A custom bprop keeps only x for backward.
 
     `per_tensor` (scalar scale and zero point) lets the CPU use the one-pass kernels of src/kernels, which give
-    the same bits as the ops below.
+    the same bits as the ops below; `affine_act` is the one-pass output of a quantized layer there.
     """
 
     def __init__(self, qmin, qmax, per_tensor=False):
@@ -47,10 +47,13 @@ class FakeQuantize(nn.Cell):
         self.qmax = float(qmax)
         library = cpu_kernel_library() if per_tensor else None
         self.kernels = fake_quant_per_tensor_ops(library) if library else None
+        self.affine_act_kernel = affine_act_fake_quant_op(library) if library else None
         self.qrange = Tensor(np.array([qmin, qmax], np.float32))
+        self.relu6_range = Tensor(np.array([0.0, 6.0], np.float32))
+        self.no_act_range = Tensor(np.array([-np.inf, np.inf], np.float32))
 
     def use_mindspore_ops(self):
-        self.kernels = None
+        self.kernels = self.affine_act_kernel = None
 
     # The switch `enabled` is arithmetic, not a branch: ~110 tensor-valued branches with their gradients made
     # the QAT training graph compile about twice as slowly (measured, 197 s against 107 s at width 0.25). With e
@@ -71,6 +74,14 @@ class FakeQuantize(nn.Cell):
         q = ops.round(x / scale) + zero_point
         passes = ops.logical_and(q >= self.qmin, q <= self.qmax).astype(dout.dtype)
         return (dout * (passes * enabled + (1.0 - enabled)),) + no_grads
+
+    def affine_act(self, y, a, b, activation, scale, zero_point, enabled):
+        """The affine_act_kernel: fake-quantized act(a * y + b), a and b per channel of y (N, C, H, W), act ReLU6
+        (`activation`) or none, in one pass that keeps only y for backward. Without it the quantizer calls this
+        cell on act(a * y + b) computed with ops: the same bits."""
+        act_range = self.relu6_range if activation else self.no_act_range
+        settings = ops.concat((self._settings(enabled), act_range))
+        return self.affine_act_kernel(y, a, b, scale.reshape(1), zero_point.reshape(1), settings)
 
     def _settings(self, enabled):
         return ops.concat((self.qrange, enabled.reshape(1)))

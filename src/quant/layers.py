@@ -3,6 +3,7 @@ quantizers' state, and `QuantLayers`, which the network description uses to buil
 from mindspore import ops
 from mindspore.communication import get_group_size
 
+from src.kernels import channel_stats_op, cpu_kernel_library
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, BN_EPS
 from src.quant.observers import switch_parameter
 from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantizer
@@ -12,14 +13,12 @@ class QuantConvBNAct(ConvBNAct):
     """Conv + BN (+ ReLU6) with BN folded into the convolution, as integer inference computes it.
 
     The convolution always runs with the weights folded by the running statistics, W * gamma / sigma_run, and
-    fake-quantized per output channel. While BN is not frozen, the output is then corrected to batch
-    statistics (Jacob et al. 2018; PyTorch's fused ConvBn does the same): the folded convolution's output is
-    divided by the fold scale gamma / sigma_run, which gives conv(x, W) with quantized weights, and a BatchNorm
-    in training mode normalises it with its batch statistics and moves the running ones. One convolution, and
-    the backend's BatchNorm kernel computes the statistics (on CPU about 7x faster than the reductions written
-    out as ops, measured).
-    Once `bn_frozen` is 1 the output is y + beta - gamma * mu_run / sigma_run: exactly what the exported model
-    computes.
+    fake-quantized per output channel: y = conv(x, Wq). While BN is not frozen, the output is then normalised by
+    the batch statistics of conv(x, W) with quantized weights, y / (gamma / sigma_run) (Jacob et al. 2018; PyTorch's
+    fused ConvBn does the same), and the running statistics move. Both are an affine map per channel, a * y + b,
+    computed from y's channel statistics: one pass over y for the statistics, one for a * y + b, the activation
+    and the output's fake quantization (CPU kernels), and only y kept for backward.
+    Once `bn_frozen` is 1, a = 1 and b = beta - gamma * mu_run / sigma_run: exactly what the exported model computes.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, activation=True, *,
@@ -32,7 +31,12 @@ class QuantConvBNAct(ConvBNAct):
         # the folded weights (and the checkpoint rank 0 writes) are the same on every rank.
         self.stats_all_reduce = ops.AllReduce(group=config.sync_group) if config.sync_group else None
         self.group_size = get_group_size(config.sync_group) if config.sync_group else 1
-        self.batch_norm_train = ops.BatchNorm(is_training=True, epsilon=BN_EPS, momentum=BN_MOMENTUM)
+        library = cpu_kernel_library()
+        self.channel_stats = channel_stats_op(library) if library else channel_stats
+
+    def use_mindspore_ops(self):
+        super().use_mindspore_ops()
+        self.channel_stats = channel_stats
 
     def _fold_scale(self):
         return self.gamma / ops.sqrt(self.moving_variance + BN_EPS)
@@ -45,31 +49,42 @@ class QuantConvBNAct(ConvBNAct):
     def construct(self, x):
         folded_weight, folded_bias = self.fold()
         y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
-        # A branch, not a blend: batch statistics cost a pass over y, and a frozen layer must not move them.
-        if self.training and self.bn_frozen < 0.5:
-            y = self._batch_norm(y / self._fold_scale().reshape(1, -1, 1, 1))
-        else:
-            y = y + folded_bias.reshape(1, -1, 1, 1)
-        if self.activation:
-            y = ops.relu6(y)
-        return self.output_quant(y)
+        if not self.training:
+            return self.output_quant.affine_act(y, ops.ones_like(folded_bias), folded_bias, self.activation)
+        stats = self.channel_stats(y)
+        a, b = self._normalisation(stats, folded_bias, y.shape[0] * y.shape[2] * y.shape[3])
+        return self.output_quant.affine_act(y, a, b, self.activation, stats[2:])
 
-    def _batch_norm(self, conv_output):
-        if self.stats_all_reduce is None:
-            return ops.batch_norm(conv_output, self.moving_mean, self.moving_variance, self.gamma, self.beta, True,
-                                  BN_MOMENTUM, BN_EPS)
-        # Data parallel: normalise by this rank's batch statistics, move the running ones by the mean of all
-        # ranks'. The kernel's in-place update goes to throwaway tensors (read back after it, the Parameters were
-        # not reliably updated yet once gradients flowed: ranks drifted apart); its batch mean and biased
-        # variance come out as data, and the update below depends on them.
-        y, _, _, batch_mean, batch_variance = self.batch_norm_train(
-            conv_output, self.gamma, self.beta, ops.zeros_like(self.moving_mean), ops.ones_like(self.moving_variance))
-        count = conv_output.shape[0] * conv_output.shape[2] * conv_output.shape[3]
-        stats = ops.stop_gradient(ops.stack([batch_mean, batch_variance * (count / (count - 1))]))  # unbiased, as BN
-        stats = self.stats_all_reduce(stats) / self.group_size
-        ops.assign(self.moving_mean, (1 - BN_MOMENTUM) * self.moving_mean + BN_MOMENTUM * stats[0])
-        ops.assign(self.moving_variance, (1 - BN_MOMENTUM) * self.moving_variance + BN_MOMENTUM * stats[1])
-        return y
+    def _normalisation(self, stats, folded_bias, count):
+        """(a, b) per channel: BN in training mode applied to y / fold scale (its batch statistics derived from y's,
+        `stats` [mean; variance; ...] over `count` values), moving the running statistics; or, once BN is frozen,
+        exactly (1, folded_bias). A blend, not a branch of the graph: the switch is a tensor (branches made the
+        graph compile more slowly), and with it in {0, 1} each side is exact."""
+        fold = self._fold_scale()
+        mean, variance = stats[0] / fold, stats[1] / (fold * fold)  # of conv(x, Wq) = y / fold
+        a_batch = self.gamma / (fold * ops.sqrt(variance + BN_EPS))
+        b_batch = self.beta - a_batch * stats[0]
+        frozen = self.bn_frozen
+        a = frozen + (1.0 - frozen) * a_batch
+        b = frozen * folded_bias + (1.0 - frozen) * b_batch
+        # The running variance is unbiased, as BN's; max() keeps a batch of one value from dividing by zero.
+        batch = ops.stop_gradient(ops.stack([mean, variance * (count / max(count - 1, 1))]))
+        if self.stats_all_reduce is not None:
+            batch = self.stats_all_reduce(batch) / self.group_size
+        step = BN_MOMENTUM * (1.0 - frozen)  # 0 once frozen: the statistics stay exactly as they are
+        ops.assign(self.moving_mean, self.moving_mean + step * (batch[0] - self.moving_mean))
+        ops.assign(self.moving_variance, self.moving_variance + step * (batch[1] - self.moving_variance))
+        return a, b
+
+
+def channel_stats(y):
+    """[4, C]: mean, biased variance, min and max of each channel of y (N, C, H, W), as MindSpore ops (the CPU
+    kernel does it in one pass); the min and max take no gradient (they feed observers)."""
+    axes = (0, 2, 3)
+    mean = ops.mean(y, axes)
+    variance = ops.mean(ops.square(y - mean.reshape(1, -1, 1, 1)), axes)
+    extremes = ops.stop_gradient(ops.stack([ops.amin(y, axes), ops.amax(y, axes)]))
+    return ops.concat((ops.stack([mean, variance]), extremes))
 
 
 class QuantDense(Dense):

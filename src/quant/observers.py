@@ -36,7 +36,18 @@ def symmetric_qparams(max_abs, qmax):
     return scale, ops.zeros_like(scale)
 
 
-class MovingAverageMinMaxObserver(nn.Cell):
+class Observer(nn.Cell):
+    """Tracks a tensor's range while `enabled` is 1 (a switch Parameter, saved in checkpoints)
+    and turns it into a scale and a zero point for the integer range [qmin, qmax]. The schedule switches every
+    Observer of a network at once (src/quant/schedule.py)."""
+
+    def __init__(self, qmin, qmax):
+        super().__init__()
+        self.qmin, self.qmax = qmin, qmax
+        self.enabled = switch_parameter("enabled", 1.0)
+
+
+class MovingAverageMinMaxObserver(Observer):
     """Per-tensor asymmetric range for activations: min/max with an exponential moving average.
 
     The range is the plain mean of the batches' min/max over the first batches it sees, then an exponential
@@ -47,13 +58,11 @@ class MovingAverageMinMaxObserver(nn.Cell):
     """
 
     def __init__(self, qmin, qmax, ema_decay=0.999, sync_group=None):
-        super().__init__()
-        self.qmin, self.qmax = qmin, qmax
+        super().__init__(qmin, qmax)
         self.ema_decay = float(ema_decay)
         self.min_val = Parameter(Tensor(0.0, ms.float32), name="min_val", requires_grad=False)
         self.max_val = Parameter(Tensor(0.0, ms.float32), name="max_val", requires_grad=False)
         self.batches_seen = Parameter(Tensor(0.0, ms.float32), name="batches_seen", requires_grad=False)
-        self.enabled = switch_parameter("enabled", 1.0)
         self.all_gather = ops.AllGather(group=sync_group) if sync_group else None
         library = cpu_kernel_library()
         self.min_max = min_max_op(library) if library else None  # one pass instead of two reductions
@@ -66,29 +75,34 @@ class MovingAverageMinMaxObserver(nn.Cell):
             # The range is not learned; x itself passes through untouched, gradient included.
             observed = ops.stop_gradient(x)
             if self.min_max is not None:
-                batch = self.min_max(observed)
+                self.observe_range(self.min_max(observed))
             else:
-                batch = ops.stack([ops.reduce_min(observed), ops.reduce_max(observed)])
-            if self.all_gather is not None:
-                # CPU collectives only sum; gathering [min, max] from every rank then reducing works everywhere.
-                gathered = self.all_gather(batch.reshape(1, 2))
-                batch = ops.stack([ops.reduce_min(gathered[:, 0]), ops.reduce_max(gathered[:, 1])])
-            # Arithmetic blends instead of branches: the flags are tensors and the graph stays branch-free.
-            count = self.batches_seen
-            keep = ops.minimum(count / (count + 1.0), self.ema_decay)
-            new_min = keep * self.min_val + (1.0 - keep) * batch[0]
-            new_max = keep * self.max_val + (1.0 - keep) * batch[1]
-            on = self.enabled
-            ops.assign(self.min_val, on * new_min + (1.0 - on) * self.min_val)
-            ops.assign(self.max_val, on * new_max + (1.0 - on) * self.max_val)
-            ops.assign(self.batches_seen, count + on)
+                self.observe_range(ops.stack([ops.reduce_min(observed), ops.reduce_max(observed)]))
         return x
+
+    def observe_range(self, batch):
+        """Moves the range by one batch's [min, max] (float32 [2]), when enabled. For callers that know a tensor's
+        range without a pass over it (a quantized layer's output: see QuantConvBNAct)."""
+        batch = ops.stop_gradient(batch)
+        if self.all_gather is not None:
+            # CPU collectives only sum; gathering [min, max] from every rank then reducing works everywhere.
+            gathered = self.all_gather(batch.reshape(1, 2))
+            batch = ops.stack([ops.reduce_min(gathered[:, 0]), ops.reduce_max(gathered[:, 1])])
+        # Arithmetic blends instead of branches: the flags are tensors and the graph stays branch-free.
+        count = self.batches_seen
+        keep = ops.minimum(count / (count + 1.0), self.ema_decay)
+        new_min = keep * self.min_val + (1.0 - keep) * batch[0]
+        new_max = keep * self.max_val + (1.0 - keep) * batch[1]
+        on = self.enabled
+        ops.assign(self.min_val, on * new_min + (1.0 - on) * self.min_val)
+        ops.assign(self.max_val, on * new_max + (1.0 - on) * self.max_val)
+        ops.assign(self.batches_seen, count + on)
 
     def qparams(self):
         return asymmetric_qparams(self.min_val, self.max_val, self.qmin, self.qmax)
 
 
-class PerChannelAbsMaxObserver(nn.Cell):
+class PerChannelAbsMaxObserver(Observer):
     """Per-channel symmetric range for weights: the absolute maximum of each output channel.
 
     `channel_axis` names the output-channel axis of the weight layout: 0 for MindSpore's Conv2d (out, in/groups,
@@ -98,16 +112,14 @@ class PerChannelAbsMaxObserver(nn.Cell):
     in evaluation alike (a float checkpoint just loaded is evaluated with its own ranges), until frozen.
     """
 
-    def __init__(self, qmax, shape, channel_axis=0):
-        super().__init__()
-        self.qmax = qmax
+    def __init__(self, qmin, qmax, shape, channel_axis=0):
+        super().__init__(qmin, qmax)
         ndim = len(shape)
         channel_axis = channel_axis % ndim
         self.reduce_axes = tuple(a for a in range(ndim) if a != channel_axis)
         self.broadcast_shape = tuple(shape[a] if a == channel_axis else 1 for a in range(ndim))
         self.max_abs = Parameter(Tensor(np.zeros(self.broadcast_shape, np.float32)), name="max_abs",
                                  requires_grad=False)
-        self.enabled = switch_parameter("enabled", 1.0)
 
     def construct(self, w):
         current = ops.amax(ops.abs(ops.stop_gradient(w)), self.reduce_axes, keepdims=True)

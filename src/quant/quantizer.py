@@ -7,7 +7,7 @@ the two kinds the network uses: per-tensor asymmetric unsigned for activations, 
 from dataclasses import dataclass
 from typing import Optional
 
-from mindspore import nn
+from mindspore import nn, ops
 
 from src.quant.fake_quant import FakeQuantize, quant_range
 from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver, switch_parameter
@@ -23,27 +23,56 @@ class QuantConfig:
 
 
 class Quantizer(nn.Cell):
-    """Observes x, then fake-quantizes it with the observed range while `quant_enabled` is 1."""
+    """Observes x, then fake-quantizes it with the observed range while `quant_enabled` is 1. The integer range
+    [qmin, qmax] is decided here and handed to the observer (`make_observer(qmin, qmax)`) and the fake-quantizer."""
 
-    def __init__(self, observer, qmin, qmax, per_tensor):
+    def __init__(self, qmin, qmax, make_observer, per_tensor):
         super().__init__()
-        self.observer = observer
+        self.qmin, self.qmax = qmin, qmax
+        self.observer = make_observer(qmin, qmax)
         self.fake_quant = FakeQuantize(qmin, qmax, per_tensor)
         self.quant_enabled = switch_parameter("quant_enabled", 1.0)
-        self.qmin, self.qmax = qmin, qmax
 
     def construct(self, x):
         x = self.observer(x)
         scale, zero_point = self.observer.qparams()
         return self.fake_quant(x, scale, zero_point, self.quant_enabled)
 
+    def affine_act(self, y, a, b, activation, channel_extremes=None):
+        """Quantized act(a * y + b), with a and b per channel of y (N, C, H, W) and act ReLU6 or none: a
+        quantized layer's output, one pass over y on CPU. In training the observer takes the range of
+        act(a * y + b) from y's per-channel [min; max] (`channel_extremes`, [2, C]) instead of a pass over it."""
+        if self.training:
+            self.observer.observe_range(affine_act_range(channel_extremes, a, b, activation))
+        scale, zero_point = self.observer.qparams()
+        if self.fake_quant.affine_act_kernel is not None:
+            return self.fake_quant.affine_act(y, a, b, activation, scale, zero_point, self.quant_enabled)
+        return self.fake_quant(channel_affine_act(y, a, b, activation), scale, zero_point, self.quant_enabled)
+
+
+def channel_affine_act(y, a, b, activation):
+    """act(a * y + b) with a and b per channel of y (N, C, H, W), act ReLU6 or none."""
+    v = a.reshape(1, -1, 1, 1) * y + b.reshape(1, -1, 1, 1)
+    return ops.relu6(v) if activation else v
+
+
+def affine_act_range(channel_extremes, a, b, activation):
+    """[min, max] of act(a * y + b) over a tensor y whose channel c lies within [channel_extremes[0, c],
+    channel_extremes[1, c]]. Exact, not a bound: a product, a sum and a clamp are each monotone in floating point,
+    so the extremes of the result are those of the channels' extreme values (for a < 0 the ends swap)."""
+    ends = a * channel_extremes + b
+    if activation:
+        ends = ops.relu6(ends)
+    return ops.stack([ops.reduce_min(ends), ops.reduce_max(ends)])
+
 
 def activation_quantizer(config):
     qmin, qmax = quant_range(config.act_bits, signed=False)
-    return Quantizer(MovingAverageMinMaxObserver(qmin, qmax, config.ema_decay, config.sync_group), qmin, qmax,
-                     per_tensor=True)
+    return Quantizer(qmin, qmax, lambda low, high: MovingAverageMinMaxObserver(low, high, config.ema_decay,
+                                                                               config.sync_group), per_tensor=True)
 
 
 def weight_quantizer(config, shape, channel_axis=0):
     qmin, qmax = quant_range(config.weight_bits, signed=True, narrow_range=True)
-    return Quantizer(PerChannelAbsMaxObserver(qmax, shape, channel_axis), qmin, qmax, per_tensor=False)
+    return Quantizer(qmin, qmax, lambda low, high: PerChannelAbsMaxObserver(low, high, shape, channel_axis),
+                     per_tensor=False)

@@ -9,11 +9,10 @@ import mindspore as ms
 from mindspore import Tensor
 
 from src.quant.layers import QuantConvBNAct
-from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver
+from src.quant.observers import Observer
 from src.quant.quantizer import Quantizer
 
 NEVER = 2 ** 62
-OBSERVERS = (MovingAverageMinMaxObserver, PerChannelAbsMaxObserver)
 
 
 def set_switches(network, kind, switch, on):
@@ -45,7 +44,7 @@ class QuantSchedule:
         quantize, bn_frozen, observing = state
         set_switches(network, Quantizer, "quant_enabled", quantize)
         set_switches(network, QuantConvBNAct, "bn_frozen", bn_frozen)
-        set_switches(network, OBSERVERS, "enabled", observing)
+        set_switches(network, Observer, "enabled", observing)
         self._applied = state
         return state
 
