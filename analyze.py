@@ -9,6 +9,7 @@ sensitive tensors to --output (the chart needs matplotlib). Images: the first --
 import os
 import sys
 
+import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
 import mindspore as ms
 import numpy as np
 

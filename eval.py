@@ -11,6 +11,7 @@ from the file (--image_height/--image_width choose another size, with a warning)
 import os
 import sys
 
+import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
 import mindspore as ms
 
 from src import checkpoint

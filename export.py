@@ -4,6 +4,7 @@
 """
 import sys
 
+import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
 import mindspore as ms
 
 from eval import load_network

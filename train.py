@@ -8,6 +8,7 @@ Any config key (src/config.py) can be overridden: --batch_size 64 --lr 0.05 ...
 """
 import sys
 
+import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
 import mindspore as ms
 from mindspore.communication import GlobalComm, get_group_size, get_rank, init
 

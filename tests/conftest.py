@@ -3,13 +3,14 @@ import io
 import os
 import sys
 
-import mindspore as ms
-import numpy as np
-import pytest
-from mindspore import nn, Tensor
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import src  # noqa: E402,F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
+
+import mindspore as ms  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from mindspore import nn, Tensor  # noqa: E402
 ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 

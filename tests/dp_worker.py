@@ -6,10 +6,11 @@ import argparse
 import os
 import sys
 
-import numpy as np
-import mindspore as ms
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import src  # noqa: E402,F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
+
+import numpy as np  # noqa: E402
+import mindspore as ms  # noqa: E402
 from easydict import EasyDict  # noqa: E402
 
 import train as train_script  # noqa: E402

@@ -1,4 +1,6 @@
 """Our CPU kernels (src/kernels) against MindSpore's own ops, in GRAPH mode: values and gradients."""
+import os
+
 import mindspore as ms
 import numpy as np
 import pytest
@@ -150,7 +152,7 @@ def test_channel_stats_in_one_pass(library, mean):
     """Mean, biased variance, min and max per channel, against NumPy in float64 (a mean far from 0 must not cancel
     the variance away); the gradient from the mean and variance rows against MindSpore's ops."""
     from src.kernels import channel_stats_op
-    from src.quant.layers import channel_stats
+    from src.layers import channel_stats
     rng = np.random.default_rng(4)
     y = rng.normal(mean, 2.0, (3, 5, 37, 29)).astype(f32)  # a plane longer than the kernel's float chunks
     y[2, 1, 3, 4], y[0, 3, 0, 0] = mean - 40.0, mean + 50.0
@@ -217,3 +219,23 @@ def test_affine_act_fake_quant_kernel_is_the_ops_bits(library, activation, round
     for got, want in zip(ours_grads, stock_grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.count_nonzero(ours_grads[0]) > 0.3 * y.size
+
+
+def _python(code):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=True)
+
+
+def test_importing_src_first_makes_openmp_threads_sleep_between_kernels():
+    """Spinning OpenMP threads took a core from MindSpore's ops (training at half speed): importing src before
+    MindSpore sets the passive policy; importing it after says the policy came too late; a user's own is kept."""
+    shown = "import os, src; import mindspore; print(os.environ['OMP_WAIT_POLICY'])"
+    assert _python(shown).stdout.split()[-1] == "PASSIVE"
+    late = _python("import mindspore, src")
+    assert "mindspore was imported before src" in late.stderr and "OMP_WAIT_POLICY=PASSIVE" in late.stderr
+    kept = _python("import os; os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'; import src; print(os.environ['OMP_WAIT_POLICY'])")
+    assert kept.stdout.split()[-1] == "ACTIVE" and "imported before src" not in kept.stderr

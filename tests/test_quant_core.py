@@ -6,7 +6,8 @@ import pytest
 from mindspore import nn, ops, Tensor
 
 from conftest import Forward
-from src.layers import ConvBNAct, BN_EPS
+from src.kernels import stock_convolution
+from src.layers import ConvBNAct, BN_EPS, BN_MOMENTUM
 from src.quant import fake_quant, observers
 from src.quant.fake_quant import FakeQuantize, quant_range
 from src.quant.layers import QuantConvBNAct
@@ -188,29 +189,66 @@ def _conv_pair(groups, seed=0):
     return float_layer, quant_layer
 
 
+class _StockConvBN(nn.Cell):
+    """The reference: MindSpore's own Conv2D, BatchNorm and ReLU6 ops on a copy of a layer's Parameters."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.params = {name: ms.Parameter(Tensor(getattr(layer, name).asnumpy()), name=name)
+                       for name in ("weight", "gamma", "beta", "moving_mean", "moving_variance")}
+        for name, param in self.params.items():
+            setattr(self, name, param)
+        self.conv = stock_convolution(layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                                      layer.groups)
+
+    def construct(self, x):
+        y = ops.batch_norm(self.conv(x, self.weight), self.moving_mean, self.moving_variance, self.gamma, self.beta,
+                           self.training, BN_MOMENTUM, BN_EPS)
+        return ops.relu6(y)
+
+
+def _run(cell, x, training):
+    """cell(x) in training or inference mode (set_train reaches every sub-cell: set it before each run)."""
+    forward = Forward(cell)
+    forward.set_train(training)
+    return forward(x).asnumpy()
+
+
+@pytest.mark.parametrize("groups", [1, 8], ids=["conv", "depthwise"])
+def test_float_conv_bn_is_conv_then_mindspore_batch_norm(groups):
+    """The float layer's BN from channel statistics (kernels here) against MindSpore's BatchNorm: outputs in both
+    modes, and the running statistics training moves."""
+    float_layer, _ = _conv_pair(groups)
+    reference = _StockConvBN(float_layer)
+    x = Tensor(np.random.default_rng(5).normal(0, 1, (4, 8, 10, 10)).astype(f32))
+    np.testing.assert_allclose(_run(float_layer, x, False), _run(reference, x, False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_run(float_layer, x, True), _run(reference, x, True), rtol=1e-4, atol=1e-4)
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(getattr(float_layer, name).asnumpy(), reference.params[name].asnumpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not np.array_equal(float_layer.moving_mean.asnumpy(), _conv_pair(groups)[0].moving_mean.asnumpy())
+
+
 @pytest.mark.parametrize("groups", [1, 8], ids=["conv", "depthwise"])
 def test_folded_conv_bn_matches_conv_then_bn(groups):
-    float_layer, quant_layer = _conv_pair(groups)
+    _, quant_layer = _conv_pair(groups)
+    reference = _StockConvBN(quant_layer)
+    start_mean = quant_layer.moving_mean.asnumpy().copy()
     x = Tensor(np.random.default_rng(5).normal(0, 1, (4, 8, 10, 10)).astype(f32))
     # quantization off, BN frozen: the folded layer in training mode equals conv then BN with running statistics
     quant_layer.weight_quant.quant_enabled.set_data(Tensor(f32(0)))
     quant_layer.output_quant.quant_enabled.set_data(Tensor(f32(0)))
     quant_layer.bn_frozen.set_data(Tensor(f32(1)))
-    float_layer.set_train(False)
-    want = float_layer(x).asnumpy()
-    trained = Forward(quant_layer)
-    trained.set_train(True)
-    np.testing.assert_allclose(trained(x).asnumpy(), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(quant_layer.moving_mean.asnumpy(), float_layer.moving_mean.asnumpy())
+    np.testing.assert_allclose(_run(quant_layer, x, True), _run(reference, x, False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(quant_layer.moving_mean.asnumpy(), start_mean)  # frozen: not moved at all
     # BN not frozen: batch statistics, as BN in training mode, and the running statistics move alike
     quant_layer.bn_frozen.set_data(Tensor(f32(0)))
-    float_train = Forward(float_layer)
-    float_train.set_train(True)
-    np.testing.assert_allclose(trained(x).asnumpy(), float_train(x).asnumpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(quant_layer.moving_mean.asnumpy(), float_layer.moving_mean.asnumpy(), rtol=1e-5,
+    np.testing.assert_allclose(_run(quant_layer, x, True), _run(reference, x, True), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(quant_layer.moving_mean.asnumpy(), reference.moving_mean.asnumpy(), rtol=1e-5,
                                atol=1e-6)
-    np.testing.assert_allclose(quant_layer.moving_variance.asnumpy(), float_layer.moving_variance.asnumpy(),
+    np.testing.assert_allclose(quant_layer.moving_variance.asnumpy(), reference.moving_variance.asnumpy(),
                                rtol=1e-4)
+    assert not np.array_equal(quant_layer.moving_mean.asnumpy(), start_mean)
 
 
 def test_folded_weights_are_what_inference_sees():

@@ -180,3 +180,19 @@ def affine_act_fake_quant_op(library):
         dy, da, db = gradient(dout, y, a, b, scale, zero_point, settings)
         return dy, da, db, ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(settings)
     return ops.Custom(f"{library}:AffineActFakeQuant", _shape_of(0), ms.float32, "aot", bprop=bprop)
+
+
+class AffineAct(nn.Cell):
+    """act(a * y + b) with a and b per channel of y (N, C, H, W), act ReLU6 (`activation`) or none: BN's affine and
+    the activation of a float layer, as the AffineActFakeQuant kernel with rounding off (one pass, y kept for
+    backward)."""
+
+    def __init__(self, library, activation):
+        super().__init__()
+        self.op = affine_act_fake_quant_op(library)
+        self.unit, self.zero = Tensor(np.ones(1, np.float32)), Tensor(np.zeros(1, np.float32))
+        act_range = [0.0, 6.0] if activation else [-np.inf, np.inf]
+        self.settings = Tensor(np.array([0.0, 0.0, 0.0] + act_range, np.float32))  # qmin, qmax, rounding off
+
+    def construct(self, y, a, b):
+        return self.op(y, a, b, self.unit, self.zero, self.settings)

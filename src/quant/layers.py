@@ -3,8 +3,7 @@ quantizers' state, and `QuantLayers`, which the network description uses to buil
 from mindspore import ops
 from mindspore.communication import get_group_size
 
-from src.kernels import channel_stats_op, cpu_kernel_library
-from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, BN_EPS
+from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, values_per_channel
 from src.quant.observers import switch_parameter
 from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantizer
 
@@ -27,64 +26,35 @@ class QuantConvBNAct(ConvBNAct):
         self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         self.output_quant = activation_quantizer(config)
         self.bn_frozen = switch_parameter("bn_frozen", 0.0)
+        self.affine_act = None  # the output quantizer computes act(a * y + b)
         # Data parallel: every rank moves its running statistics by the mean of all ranks' batch statistics, so
         # the folded weights (and the checkpoint rank 0 writes) are the same on every rank.
-        self.stats_all_reduce = ops.AllReduce(group=config.sync_group) if config.sync_group else None
-        self.group_size = get_group_size(config.sync_group) if config.sync_group else 1
-        library = cpu_kernel_library()
-        self.channel_stats = channel_stats_op(library) if library else channel_stats
-
-    def use_mindspore_ops(self):
-        super().use_mindspore_ops()
-        self.channel_stats = channel_stats
-
-    def _fold_scale(self):
-        return self.gamma / ops.sqrt(self.moving_variance + BN_EPS)
+        if config.sync_group:
+            self.stats_all_reduce = ops.AllReduce(group=config.sync_group)
+            self.group_size = get_group_size(config.sync_group)
 
     def fold(self):
         """The folded weight and bias that inference uses (running statistics), before weight quantization."""
-        scale = self._fold_scale()
-        return self.weight * scale.reshape(-1, 1, 1, 1), self.beta - scale * self.moving_mean
+        scale, bias = self.running_affine()
+        return self.weight * scale.reshape(-1, 1, 1, 1), bias
 
     def construct(self, x):
-        folded_weight, folded_bias = self.fold()
+        fold_scale, folded_bias = self.running_affine()
+        folded_weight = self.weight * fold_scale.reshape(-1, 1, 1, 1)
         y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
         if not self.training:
             return self.output_quant.affine_act(y, ops.ones_like(folded_bias), folded_bias, self.activation)
         stats = self.channel_stats(y)
-        a, b = self._normalisation(stats, folded_bias, y.shape[0] * y.shape[2] * y.shape[3])
-        return self.output_quant.affine_act(y, a, b, self.activation, stats[2:])
-
-    def _normalisation(self, stats, folded_bias, count):
-        """(a, b) per channel: BN in training mode applied to y / fold scale (its batch statistics derived from y's,
-        `stats` [mean; variance; ...] over `count` values), moving the running statistics; or, once BN is frozen,
-        exactly (1, folded_bias). A blend, not a branch of the graph: the switch is a tensor (branches made the
-        graph compile more slowly), and with it in {0, 1} each side is exact."""
-        fold = self._fold_scale()
-        mean, variance = stats[0] / fold, stats[1] / (fold * fold)  # of conv(x, Wq) = y / fold
-        a_batch = self.gamma / (fold * ops.sqrt(variance + BN_EPS))
-        b_batch = self.beta - a_batch * stats[0]
+        # BN in training mode on conv(x, Wq) = y / fold_scale, its statistics derived from y's; then, per channel,
+        # a blend with the frozen layer's (1, folded_bias) instead of a branch of the graph (the switch is a tensor;
+        # branches made the graph compile more slowly): with the switch in {0, 1} each side is exact, and a frozen
+        # layer's running statistics move by 0.
         frozen = self.bn_frozen
-        a = frozen + (1.0 - frozen) * a_batch
-        b = frozen * folded_bias + (1.0 - frozen) * b_batch
-        # The running variance is unbiased, as BN's; max() keeps a batch of one value from dividing by zero.
-        batch = ops.stop_gradient(ops.stack([mean, variance * (count / max(count - 1, 1))]))
-        if self.stats_all_reduce is not None:
-            batch = self.stats_all_reduce(batch) / self.group_size
-        step = BN_MOMENTUM * (1.0 - frozen)  # 0 once frozen: the statistics stay exactly as they are
-        ops.assign(self.moving_mean, self.moving_mean + step * (batch[0] - self.moving_mean))
-        ops.assign(self.moving_variance, self.moving_variance + step * (batch[1] - self.moving_variance))
-        return a, b
-
-
-def channel_stats(y):
-    """[4, C]: mean, biased variance, min and max of each channel of y (N, C, H, W), as MindSpore ops (the CPU
-    kernel does it in one pass); the min and max take no gradient (they feed observers)."""
-    axes = (0, 2, 3)
-    mean = ops.mean(y, axes)
-    variance = ops.mean(ops.square(y - mean.reshape(1, -1, 1, 1)), axes)
-    extremes = ops.stop_gradient(ops.stack([ops.amin(y, axes), ops.amax(y, axes)]))
-    return ops.concat((ops.stack([mean, variance]), extremes))
+        a, b = self.batch_norm_affine(stats[0] / fold_scale, stats[1] / (fold_scale * fold_scale),
+                                      values_per_channel(y), BN_MOMENTUM * (1.0 - frozen))
+        a = frozen + (1.0 - frozen) * (a / fold_scale)
+        b = frozen * folded_bias + (1.0 - frozen) * b
+        return self.output_quant.affine_act(y, a, b, self.activation, stats[2:])
 
 
 class QuantDense(Dense):

@@ -9,6 +9,7 @@ from typing import Optional
 
 from mindspore import nn, ops
 
+from src.layers import channel_affine_act
 from src.quant.fake_quant import FakeQuantize, quant_range
 from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver, switch_parameter
 
@@ -48,12 +49,6 @@ class Quantizer(nn.Cell):
         if self.fake_quant.affine_act_kernel is not None:
             return self.fake_quant.affine_act(y, a, b, activation, scale, zero_point, self.quant_enabled)
         return self.fake_quant(channel_affine_act(y, a, b, activation), scale, zero_point, self.quant_enabled)
-
-
-def channel_affine_act(y, a, b, activation):
-    """act(a * y + b) with a and b per channel of y (N, C, H, W), act ReLU6 or none."""
-    v = a.reshape(1, -1, 1, 1) * y + b.reshape(1, -1, 1, 1)
-    return ops.relu6(v) if activation else v
 
 
 def affine_act_range(channel_extremes, a, b, activation):
