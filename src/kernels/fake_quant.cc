@@ -100,6 +100,16 @@ inline bool in_range(float x, const QParams &qp) {
   return q >= qp.qmin && q <= qp.qmax;
 }
 
+// For a gradient: with rounding off nothing is clamped by it, which an unbounded range says without a branch in
+// the loop (one ran 9x slower on random data, measured).
+QParams gradient_range(QParams qp) {
+  if (!qp.enabled) {
+    qp.qmin = -INFINITY;
+    qp.qmax = INFINITY;
+  }
+  return qp;
+}
+
 // NCHW: N, C and the plane size H * W of params[i].
 struct Planes {
   int64_t n, c, plane;
@@ -301,9 +311,8 @@ extern "C" int AffineActFakeQuantGrad(int nparam, void **params, int *ndims, int
   // Channels outermost: each thread owns its channels' sums (float over short chunks, the chunks added in double).
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < channels; ++c) {
-    const QParams local = qp;
+    const QParams local = gradient_range(qp);
     const float scale = a[c], shift = b[c], low = local.act_low, high = local.act_high;
-    const bool enabled = local.enabled;
     double scale_sum = 0.0, shift_sum = 0.0;
     for (int64_t n = 0; n < batch; ++n) {
       const int64_t offset = (n * channels + c) * plane;
@@ -315,7 +324,7 @@ extern "C" int AffineActFakeQuantGrad(int nparam, void **params, int *ndims, int
 #pragma omp simd reduction(+ : chunk_scale, chunk_shift)
         for (int64_t i = first; i < last; ++i) {
           const float v = scale * in[i] + shift;
-          const bool passes = v > low && v <= high && (!enabled || in_range(clamp(v, low, high), local));
+          const bool passes = v > low && v <= high && in_range(clamp(v, low, high), local);
           const float pass = passes ? g[i] : 0.0f;
           grad[i] = pass * scale;
           chunk_scale += pass * in[i];
