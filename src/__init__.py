@@ -5,8 +5,9 @@ import warnings
 
 # Our CPU kernels (src/kernels) run in OpenMP's thread pool, between MindSpore ops that run in MindSpore's own.
 # By default OpenMP's threads spin for a while after each kernel and take a core from the MindSpore op that
-# follows: on 2 cores training ran at about half speed (measured at batch 32: float 10.7 img/s spinning, 18.8
-# sleeping). libgomp reads the policy once, when it is loaded, and `import mindspore` loads it.
+# follows: on 2 cores training ran 25-30% slower (measured at batch 32: float 14.2 img/s with OpenMP's default,
+# 18.8 sleeping; QAT 14.3 and 20.8). libgomp reads the policy once, when it is loaded, and `import mindspore`
+# loads it.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     if "mindspore" in sys.modules:

@@ -231,7 +231,7 @@ def _python(code):
 
 
 def test_importing_src_first_makes_openmp_threads_sleep_between_kernels():
-    """Spinning OpenMP threads took a core from MindSpore's ops (training at half speed): importing src before
+    """Spinning OpenMP threads took a core from MindSpore's ops (training 25-30% slower): importing src before
     MindSpore sets the passive policy; importing it after says the policy came too late; a user's own is kept."""
     shown = "import os, src; import mindspore; print(os.environ['OMP_WAIT_POLICY'])"
     assert _python(shown).stdout.split()[-1] == "PASSIVE"

@@ -217,7 +217,8 @@ def _run(cell, x, training):
 @pytest.mark.parametrize("groups", [1, 8], ids=["conv", "depthwise"])
 def test_float_conv_bn_is_conv_then_mindspore_batch_norm(groups):
     """The float layer's BN from channel statistics (kernels here) against MindSpore's BatchNorm: outputs in both
-    modes, and the running statistics training moves."""
+    modes, the running statistics training moves, and the gradients (the formulation's own: the other gradient
+    tests compare it on kernels and on ops, or quantized and float, with itself)."""
     float_layer, _ = _conv_pair(groups)
     reference = _StockConvBN(float_layer)
     x = Tensor(np.random.default_rng(5).normal(0, 1, (4, 8, 10, 10)).astype(f32))
@@ -227,6 +228,29 @@ def test_float_conv_bn_is_conv_then_mindspore_batch_norm(groups):
         np.testing.assert_allclose(getattr(float_layer, name).asnumpy(), reference.params[name].asnumpy(),
                                    rtol=1e-5, atol=1e-6, err_msg=name)
     assert not np.array_equal(float_layer.moving_mean.asnumpy(), _conv_pair(groups)[0].moving_mean.asnumpy())
+    # and the gradients of training mode, through the batch statistics, are BatchNorm's
+    sens = Tensor(np.random.default_rng(6).normal(0, 1, (4, 8, 10, 10)).astype(f32))
+    ours = _training_gradients(float_layer, x, sens)
+    for name, want in _training_gradients(reference, x, sens).items():
+        np.testing.assert_allclose(ours[name], want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=name)
+
+
+class _WeightedSum(nn.Cell):
+    def __init__(self, layer, sens):
+        super().__init__()
+        self.layer, self.sens = layer, sens
+
+    def construct(self, x):
+        return (self.layer(x) * self.sens).sum()
+
+
+def _training_gradients(layer, x, sens):
+    """Gradients of sum(sens * layer(x)) in training mode for the layer's weight, gamma and beta."""
+    loss = _WeightedSum(layer, sens)
+    loss.set_train(True)
+    params = [layer.weight, layer.gamma, layer.beta]
+    grads = ops.GradOperation(get_by_list=True)(loss, ms.ParameterTuple(params))(x)
+    return {name: g.asnumpy() for name, g in zip(("weight", "gamma", "beta"), grads)}
 
 
 @pytest.mark.parametrize("groups", [1, 8], ids=["conv", "depthwise"])
