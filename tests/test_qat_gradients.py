@@ -113,7 +113,10 @@ def test_with_rounding_every_parameter_moves_close_to_the_float_step(steps):
     assert unmoved == []
     cosines = sorted(_layer_cosines(quant_updates, float_updates).values())
     print("per-layer cosine, rounding on: median", np.median(cosines), "min", cosines[0])
-    assert np.median(cosines) >= 0.9, cosines[:5]
+    # 0.85, not 0.9: the median sits near 0.9 on this tiny network and moves with the network the fixture trains
+    # (0.970 on an AVX2-only CPU with 16 images; 0.946 and 0.896 on an AVX-512 one with 64, two versions of the
+    # kernels). A cut gradient leaves layers unmoved (above) and their cosine at 0.
+    assert np.median(cosines) >= 0.85, cosines[:5]
 
 
 def test_kernel_gradients_are_mindspore_gradients(float_updates):
