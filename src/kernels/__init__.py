@@ -182,6 +182,11 @@ def affine_act_fake_quant_op(library):
     return ops.Custom(f"{library}:AffineActFakeQuant", _shape_of(0), ms.float32, "aot", bprop=bprop)
 
 
+def activation_bounds(activation):
+    """[low, high] of the AffineActFakeQuant kernel's activation clamp: ReLU6 (`activation`) or none."""
+    return np.array([0.0, 6.0] if activation else [-np.inf, np.inf], np.float32)
+
+
 class AffineAct(nn.Cell):
     """act(a * y + b) with a and b per channel of y (N, C, H, W), act ReLU6 (`activation`) or none: BN's affine and
     the activation of a float layer, as the AffineActFakeQuant kernel with rounding off (one pass, y kept for
@@ -191,8 +196,8 @@ class AffineAct(nn.Cell):
         super().__init__()
         self.op = affine_act_fake_quant_op(library)
         self.unit, self.zero = Tensor(np.ones(1, np.float32)), Tensor(np.zeros(1, np.float32))
-        act_range = [0.0, 6.0] if activation else [-np.inf, np.inf]
-        self.settings = Tensor(np.array([0.0, 0.0, 0.0] + act_range, np.float32))  # qmin, qmax, rounding off
+        # qmin, qmax, rounding off, then the activation's bounds
+        self.settings = Tensor(np.concatenate([np.zeros(3, np.float32), activation_bounds(activation)]))
 
     def construct(self, y, a, b):
         return self.op(y, a, b, self.unit, self.zero, self.settings)

@@ -7,7 +7,7 @@ CPU, GPU and Ascend alike (the fused FakeQuantPerLayer primitives have no CPU ke
 import numpy as np
 from mindspore import nn, ops, Tensor
 
-from src.kernels import affine_act_fake_quant_op, cpu_kernel_library, fake_quant_per_tensor_ops
+from src.kernels import activation_bounds, affine_act_fake_quant_op, cpu_kernel_library, fake_quant_per_tensor_ops
 
 
 def quant_range(num_bits, signed, narrow_range=False):
@@ -49,8 +49,7 @@ class FakeQuantize(nn.Cell):
         self.kernels = fake_quant_per_tensor_ops(library) if library else None
         self.affine_act_kernel = affine_act_fake_quant_op(library) if library else None
         self.qrange = Tensor(np.array([qmin, qmax], np.float32))
-        self.relu6_range = Tensor(np.array([0.0, 6.0], np.float32))
-        self.no_act_range = Tensor(np.array([-np.inf, np.inf], np.float32))
+        self.relu6_range, self.no_act_range = Tensor(activation_bounds(True)), Tensor(activation_bounds(False))
 
     def use_mindspore_ops(self):
         self.kernels = self.affine_act_kernel = None

@@ -43,7 +43,7 @@ class QuantConvBNAct(ConvBNAct):
         folded_weight = self.weight * fold_scale.reshape(-1, 1, 1, 1)
         y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
         if not self.training:
-            return self.output_quant.affine_act(y, ops.ones_like(folded_bias), folded_bias, self.activation)
+            return self.output_quant.affine_act(y, ops.ones_like(folded_bias), folded_bias, self.activation, None)
         stats = self.channel_stats(y)
         # BN in training mode on conv(x, Wq) = y / fold_scale, its statistics derived from y's; then, per channel,
         # a blend with the frozen layer's (1, folded_bias) instead of a branch of the graph (the switch is a tensor;

@@ -39,10 +39,11 @@ class Quantizer(nn.Cell):
         scale, zero_point = self.observer.qparams()
         return self.fake_quant(x, scale, zero_point, self.quant_enabled)
 
-    def affine_act(self, y, a, b, activation, channel_extremes=None):
+    def affine_act(self, y, a, b, activation, channel_extremes):
         """Quantized act(a * y + b), with a and b per channel of y (N, C, H, W) and act ReLU6 or none: a
         quantized layer's output, one pass over y on CPU. In training the observer takes the range of
-        act(a * y + b) from y's per-channel [min; max] (`channel_extremes`, [2, C]) instead of a pass over it."""
+        act(a * y + b) from y's per-channel [min; max] (`channel_extremes`, [2, C]; None in inference) instead
+        of a pass over it."""
         if self.training:
             self.observer.observe_range(affine_act_range(channel_extremes, a, b, activation))
         scale, zero_point = self.observer.qparams()
