@@ -62,11 +62,14 @@ def qat_run(demo_data, float_run, tmp_path_factory):
     return last, log.getvalue()
 
 
-# A float network that has learned: 4 demo classes at 32x32, 25 epochs (about 96% top-1 on its validation images).
-# The gradient and learning tests need one: in a barely trained or random network quantization noise swamps the
-# signal of small activations, and there is no accuracy for rounding to lose.
-LEARNED = dict(num_classes=4, width_mult=0.25, image_height=32, image_width=32, batch_size=8, num_parallel_workers=1,
-               crop_min_scale=0.5, log_interval=100, ema_decay=0.9)
+# A float network that has learned: 4 demo classes at 32x32, 25 epochs (97.9% top-1 on its validation images on
+# the AVX-512 machine). The gradient and learning tests need one: in a barely trained or random network
+# quantization noise swamps the signal of small activations, and there is no accuracy for rounding to lose.
+# Batch 16, not 8: the last stages are 1x1 at 32x32, so their BN batch statistics come from batch_size values;
+# with 8 the run diverged for epochs and ended at 51.7% there (71.7% with the code of two sessions ago, 95% on an
+# AVX2-only machine: chance decided), with 16 it trains steadily.
+LEARNED = dict(num_classes=4, width_mult=0.25, image_height=32, image_width=32, batch_size=16,
+               num_parallel_workers=1, crop_min_scale=0.5, log_interval=100, ema_decay=0.9)
 
 
 def learned_argv(**overrides):
