@@ -25,8 +25,9 @@ def add_args(parser):
                              "of --pre_trained on --calibration_batches batches, no training")
     parser.add_argument("--pre_trained", default=None,
                         help="float checkpoint to start QAT, PTQ (required) or float training from")
-    parser.add_argument("--reinit_classifier", action="store_true",
-                        help="start from --pre_trained even if its classifier has another number of classes")
+    parser.add_argument("--reinit_classifier", type=parse_bool, nargs="?", const=True, default=False,
+                        help="start a new classifier (--num_classes of them) instead of loading --pre_trained's: "
+                             "fine-tuning onto your own classes")
     parser.add_argument("--eval_dataset_path", default=None,
                         help="validation images, one folder per class: top-1/top-5 every --eval_interval epochs, "
                              "the best network kept as <prefix>-best.ckpt")

@@ -75,9 +75,9 @@ def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train
     """Load checkpoint `path` into `network` (and `train_state`, a training cell, if given) by name.
 
     allow_missing: names of `network` the checkpoint may lack (they keep their initial values), e.g. the
-    quantizers' state when a float checkpoint starts QAT. reinit_classifier: a classifier of another shape
-    (another number of classes) is left initialised instead of failing, and `log` says so. Returns the
-    checkpoint's metadata.
+    quantizers' state when a float checkpoint starts QAT. reinit_classifier: the classifier is not loaded, whatever
+    its shape (another task's classes), but left initialised, and `log` says so. Returns the checkpoint's
+    metadata.
     """
     entries, meta = read(path)
     target = (train_state or network).parameters_dict()
@@ -87,13 +87,12 @@ def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train
     wrong_shape = [f"{name} {tuple(entries[name].shape)} vs {tuple(target[name].shape)}"
                    for name in entries if name in target and tuple(entries[name].shape) != tuple(target[name].shape)]
     if reinit_classifier:
-        kept = [s for s in wrong_shape if not s.startswith(CLASSIFIER_PREFIX)]
-        if len(kept) < len(wrong_shape):
-            differing = ", ".join(sorted(set(wrong_shape) - set(kept)))
-            log(f"re-initialising the classifier: checkpoint shape differs ({differing})")
-            entries = {k: v for k, v in entries.items() if not k.startswith(CLASSIFIER_PREFIX)}
-            missing = [m for m in missing if not m.startswith(CLASSIFIER_PREFIX)]
-            wrong_shape = kept
+        dropped = [s for s in wrong_shape if s.startswith(CLASSIFIER_PREFIX)]
+        log("re-initialising the classifier" + (f" (checkpoint shape differs: {', '.join(dropped)})" if dropped
+                                               else ", not loading the checkpoint's"))
+        entries = {k: v for k, v in entries.items() if not k.startswith(CLASSIFIER_PREFIX)}
+        missing = [m for m in missing if not m.startswith(CLASSIFIER_PREFIX)]
+        wrong_shape = [s for s in wrong_shape if not s.startswith(CLASSIFIER_PREFIX)]
     if train_state is not None:
         missing += [name for name in target if name not in own and name not in entries]
     problems = []
