@@ -28,6 +28,7 @@ IGNORED_SUFFIXES = (".num_batches_tracked",)
 # A checkpoint of a training script wraps the state dict: the first of these keys found holds it.
 WRAPPER_KEYS = ("state_dict", "model", "module")
 LAST_STAGE_CHANNELS = INVERTED_RESIDUAL_SETTING[-1][1]
+NUM_BLOCKS = sum(repeats for _, _, repeats, _ in INVERTED_RESIDUAL_SETTING)
 
 
 class WeightImportError(ValueError):
@@ -164,7 +165,7 @@ def convert(state, path="weights"):
     for needed in (last_projection, f"{classifier}.weight"):
         if needed not in state:
             raise WeightImportError(f"{path}: no {needed}: not a MobileNetV2 of {layout}'s layout with "
-                                    f"{sum(s[2] for s in INVERTED_RESIDUAL_SETTING)} inverted residual blocks")
+                                    f"{NUM_BLOCKS} inverted residual blocks")
     # The last stage has 320 * width channels, exactly for widths in steps of 0.025 (a multiple of 8 channels).
     width = state[last_projection].shape[0] / LAST_STAGE_CHANNELS
     num_classes = state[f"{classifier}.weight"].shape[0]
@@ -181,7 +182,7 @@ def convert(state, path="weights"):
                 if found]
     if problems:
         raise WeightImportError(f"{path} does not fit the MobileNetV2 this suite builds ({layout} layout, width "
-                                f"{width:g}, {num_classes} classes; the standard 17 blocks, expansion 6):\n  "
+                                f"{width:g}, {num_classes} classes; the standard {NUM_BLOCKS} blocks):\n  "
                                 + "\n  ".join(problems))
     for mine, theirs in names.items():
         ours[mine].set_data(ms.Tensor(state[theirs]))
