@@ -21,7 +21,8 @@ def add_args(parser):
     parser.add_argument("--network", choices=(checkpoint.FLOAT, checkpoint.QUANT), default=checkpoint.QUANT,
                         help="the kind of network expected in the checkpoint (checked; default quant)")
     parser.add_argument("--export_batch_size", type=int, default=1,
-                        help="batch size of the AIR graph (MINDIR and ONNX take any batch size)")
+                        help="batch size of the AIR and float ONNX graphs (MINDIR and INT8 ONNX take any batch "
+                             "size; eval.py runs a fixed-batch ONNX model in chunks)")
 
 
 def main(argv=None):

@@ -49,12 +49,20 @@ def onnx_predictor(path):
     model_input = session.get_inputs()[0]
     size = tuple(model_input.shape[2:])
 
+    fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
+
     def predict(images):
         if images.shape[2:] != size:
             raise DatasetError(f"{path} takes {size[0]}x{size[1]} images, the data pipeline gives "
                                f"{images.shape[2]}x{images.shape[3]}: give --image_height {size[0]} "
                                f"--image_width {size[1]}")
-        return session.run(None, {model_input.name: images})[0]
+        if fixed_batch is None:
+            return session.run(None, {model_input.name: images})[0]
+        # A model exported for a fixed batch size: chunks of it, the last one padded with zeros.
+        count = len(images)
+        padded = np.concatenate([images, np.zeros((-count % fixed_batch,) + images.shape[1:], images.dtype)])
+        return np.concatenate([session.run(None, {model_input.name: padded[i:i + fixed_batch]})[0]
+                               for i in range(0, len(padded), fixed_batch)])[:count]
     predict.input_record = {"image_height": size[0], "image_width": size[1]}
     return predict
 

@@ -37,7 +37,7 @@ def export(network, file_name, file_format, batch_size, image_height, image_widt
         path = file_name + ".onnx"
         export_onnx(network, path, image_height, image_width)
         return path
-    if file_format == "AIR":  # Ascend 310 graphs have a fixed batch size
+    if file_format in ("AIR", "ONNX"):  # Ascend 310 graphs, and MindSpore's ONNX export, take a fixed batch size
         example = Tensor(np.zeros((batch_size, 3, image_height, image_width), np.float32))
     else:
         example = Tensor(shape=[None, 3, image_height, image_width], dtype=ms.float32)  # any batch size

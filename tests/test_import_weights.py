@@ -84,6 +84,21 @@ def test_imported_network_computes_the_pytorch_logits(reference, parity_inputs, 
     np.testing.assert_array_equal(ours.argmax(1), theirs.argmax(1))
 
 
+def test_imported_network_exports_to_onnx_with_the_pytorch_logits(reference, parity_inputs, tmp_path):
+    """export.py takes an imported checkpoint like one train.py wrote: FP32 ONNX in ONNX Runtime, same logits
+    (exported for batches of 3, run on 4 images: two chunks, the last padded)."""
+    from src.evaluation import onnx_predictor
+    library, folder = reference
+    imported = import_script.main(["--input", os.path.join(folder, "weights.safetensors"),
+                                   "--output", str(tmp_path / "imported.ckpt")])
+    model = export_script.main(["--ckpt_file", imported, "--network", "float", "--file_format", "ONNX",
+                                "--image_height", str(PARITY_SIZE), "--image_width", str(PARITY_SIZE),
+                                "--export_batch_size", "3", "--file_name", str(tmp_path / "float")])
+    deployed = onnx_predictor(model)(np.load(parity_inputs))
+    theirs = np.load(os.path.join(folder, "logits.npy"))
+    assert np.abs(deployed - theirs).max() <= 1e-4 * (theirs.max() - theirs.min()), library
+
+
 @pytest.mark.parametrize("library", ["torchvision", "timm"])
 def test_every_published_width_imports(library, tmp_path):
     widths = ("0.5", "0.75", "1.0", "1.4")
