@@ -71,6 +71,17 @@ def read(path, only=None):
     return entries, meta
 
 
+def mismatch_lines(missing, unexpected, wrong_shape):
+    """One line per kind of mismatch between a checkpoint and a network (names, or name-and-shape texts), with
+    its count and the first ten: what a strict load reports."""
+    lines = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if names:
+            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            lines.append(f"{label} ({len(names)}): {shown}")
+    return lines
+
+
 def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train_state=None, log=print):
     """Load checkpoint `path` into `network` (and `train_state`, a training cell, if given) by name.
 
@@ -95,11 +106,7 @@ def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train
         wrong_shape = [s for s in wrong_shape if not s.startswith(CLASSIFIER_PREFIX)]
     if train_state is not None:
         missing += [name for name in target if name not in own and name not in entries]
-    problems = []
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-        if names:
-            shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-            problems.append(f"{label} ({len(names)}): {shown}")
+    problems = mismatch_lines(missing, unexpected, wrong_shape)
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit the {network_kind(network)} network "
                               f"(checkpoint holds a {meta['network_kind']} network):\n  " + "\n  ".join(problems))

@@ -8,6 +8,7 @@ BN eps 1e-5, ImageNet mean/std on RGB input (ours on 0-255 pixels, theirs on 0-1
 """
 import os
 import re
+from typing import Callable, NamedTuple
 
 import mindspore as ms
 import numpy as np
@@ -123,25 +124,33 @@ def timm_layer_names(prefix, block_length):
     return f"blocks.{stage}.{index}.{conv}.weight", f"blocks.{stage}.{index}.{bn}"
 
 
-# layout -> (a name only that layout has, the last stage's projection weight, our layer's names, classifier prefix)
+class Layout(NamedTuple):
+    marker: str            # a name only this layout has
+    last_projection: str   # the last stage's projection weight: its channels give the width
+    layer_names: Callable  # (our Conv+BN layer's prefix, layers in its block) -> (conv weight, BN prefix)
+    classifier: str        # prefix of the classifier's weight and bias
+
+
 LAYOUTS = {
-    "torchvision": ("features.0.0.weight", "features.17.conv.2.weight", torchvision_layer_names, "classifier.1"),
-    "timm": ("conv_stem.weight", "blocks.6.0.conv_pwl.weight", timm_layer_names, "classifier"),
+    "torchvision": Layout("features.0.0.weight", "features.17.conv.2.weight", torchvision_layer_names,
+                          "classifier.1"),
+    "timm": Layout("conv_stem.weight", "blocks.6.0.conv_pwl.weight", timm_layer_names, "classifier"),
 }
 
 
 def detect_layout(state, path):
-    for layout, (marker, *_rest) in LAYOUTS.items():
-        if marker in state:
-            return layout
+    for name, layout in LAYOUTS.items():
+        if layout.marker in state:
+            return name
     shown = ", ".join(list(state)[:5])
     raise WeightImportError(f"{path} is not a MobileNetV2 state dict of torchvision or timm: none of "
-                            f"{', '.join(spec[0] for spec in LAYOUTS.values())} in it (its first names: {shown})")
+                            f"{', '.join(layout.marker for layout in LAYOUTS.values())} in it (its first names: "
+                            f"{shown})")
 
 
 def name_map(network, layout):
     """our Parameter name -> theirs, for every Parameter of `network` (a float MobileNetV2)."""
-    _, _, layer_names, classifier = LAYOUTS[layout]
+    layer_names, classifier = LAYOUTS[layout].layer_names, LAYOUTS[layout].classifier
     cells = dict(network.cells_and_names())
     names = {}
     for prefix, cell in cells.items():
@@ -161,7 +170,7 @@ def convert(state, path="weights"):
     built at the width and number of classes its shapes say. Anything that does not fit (a missing or unknown
     name, a shape) raises WeightImportError naming it; then nothing is built."""
     layout = detect_layout(state, path)
-    _, last_projection, _, classifier = LAYOUTS[layout]
+    last_projection, classifier = LAYOUTS[layout].last_projection, LAYOUTS[layout].classifier
     for needed in (last_projection, f"{classifier}.weight"):
         if needed not in state:
             raise WeightImportError(f"{path}: no {needed}: not a MobileNetV2 of {layout}'s layout with "
@@ -177,9 +186,7 @@ def convert(state, path="weights"):
     unexpected = [name for name in state if name not in used and not name.endswith(IGNORED_SUFFIXES)]
     wrong_shape = [f"{theirs} {state[theirs].shape} vs {tuple(ours[mine].shape)} ({mine})"
                    for mine, theirs in names.items() if theirs in state and state[theirs].shape != ours[mine].shape]
-    problems = [f"{label} ({len(found)}): {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}"
-                for label, found in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-                if found]
+    problems = checkpoint.mismatch_lines(missing, unexpected, wrong_shape)
     if problems:
         raise WeightImportError(f"{path} does not fit the MobileNetV2 this suite builds ({layout} layout, width "
                                 f"{width:g}, {num_classes} classes; the standard {NUM_BLOCKS} blocks):\n  "

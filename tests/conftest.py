@@ -76,6 +76,12 @@ def learned_argv(**overrides):
     return tiny_argv(**dict(LEARNED, **overrides))
 
 
+def evaluate_learned(path, val_path, *extra):
+    """eval.py's result for a checkpoint or exported model of the LEARNED config on val_path."""
+    import eval as eval_script
+    return eval_script.main(["--dataset_path", val_path, "--checkpoint_path", path, *learned_argv(), *extra])
+
+
 @pytest.fixture(scope="session")
 def learning_data(tmp_path_factory):
     """(train, val) folders: 4 demo classes, 40 training and 60 validation images each, 36x36."""

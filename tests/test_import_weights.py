@@ -24,9 +24,9 @@ from src import checkpoint
 from src.config import config_cpu
 from src.dataset import Epoch, create_dataset
 from src.demo_data import generate, make_image
-from src.import_weights import WeightImportError, convert, read_state_dict
+from src.import_weights import convert, read_state_dict
 
-from conftest import Forward, learned_argv, ROOT
+from conftest import Forward, evaluate_learned, learned_argv, ROOT
 
 REFERENCE = os.path.join(ROOT, "tests", "torch_reference.py")
 PARITY_WIDTH, PARITY_CLASSES, PARITY_SIZE = 0.35, 10, 64
@@ -212,15 +212,11 @@ def fine_tuned(imported_pretrained, learning_data, tmp_path_factory):
     return last, log.getvalue()
 
 
-def _evaluate(path, val_path, *extra):
-    return eval_script.main(["--dataset_path", val_path, "--checkpoint_path", path, *learned_argv(), *extra])
-
-
 def test_fine_tuning_from_imported_weights_needs_fewer_epochs(fine_tuned, learned_float, learning_data):
     path, log = fine_tuned
     assert "re-initialising the classifier (checkpoint shape differs: classifier.weight (10, 1280) vs (4, 1280)" in log
-    fine_tuned_acc = _evaluate(path, learning_data[1])["acc"]
-    scratch_acc = _evaluate(learned_float, learning_data[1])["acc"]
+    fine_tuned_acc = evaluate_learned(path, learning_data[1])["acc"]
+    scratch_acc = evaluate_learned(learned_float, learning_data[1])["acc"]
     print(f"fine-tuned {FINE_TUNE_EPOCHS} epochs from imported weights: {fine_tuned_acc:.4f}; "
           f"from scratch, 25 epochs: {scratch_acc:.4f}")
     assert fine_tuned_acc >= scratch_acc - 0.05
@@ -237,9 +233,9 @@ def test_import_ptq_qat_onnx_chain(fine_tuned, learning_data, tmp_path):
                              "--freeze_observer_epochs", "1", "--save_checkpoint_path", str(tmp_path / "qat")])
     onnx_model = export_script.main(["--ckpt_file", qat, "--file_format", "ONNX", *learned_argv(),
                                      "--file_name", str(tmp_path / "int8")])
-    results = {name: _evaluate(path, val_path)
+    results = {name: evaluate_learned(path, val_path)
                for name, path in (("float", fine_tuned), ("ptq", ptq), ("qat", qat), ("onnx", onnx_model))}
-    parity = _evaluate(qat, val_path, "--parity_with", onnx_model)
+    parity = evaluate_learned(qat, val_path, "--parity_with", onnx_model)
     print({name: round(result["acc"], 4) for name, result in results.items()}, parity)
     for name in ("ptq", "qat", "onnx"):
         assert results[name]["acc"] >= results["float"]["acc"] - 0.05, name

@@ -9,17 +9,12 @@ asks for a loss of at least 2 points (5 images) and for QAT to win back at least
 cut, QAT only re-calibrates and stays near PTQ; with the bit widths not recorded in the checkpoint, evaluation
 runs at 7 bits and PTQ loses nothing: both fail here.
 """
-import eval as eval_script
 import train as train_script
 from src import checkpoint
 
-from conftest import learned_argv
+from conftest import evaluate_learned, learned_argv
 
 WEIGHT_BITS = "3"
-
-
-def _accuracy(path, val_path):
-    return eval_script.main(["--dataset_path", val_path, "--checkpoint_path", path, *learned_argv()])["acc"]
 
 
 def test_qat_wins_back_what_calibration_loses(learning_data, learned_float, tmp_path):
@@ -33,7 +28,7 @@ def test_qat_wins_back_what_calibration_loses(learning_data, learned_float, tmp_
                              "--save_checkpoint_path", str(tmp_path / "qat")])
     for path in (ptq, qat):
         assert checkpoint.read(path)[1]["weight_bits"] == int(WEIGHT_BITS)
-    float_acc, ptq_acc, qat_acc = (_accuracy(path, val_path) for path in (learned_float, ptq, qat))
+    float_acc, ptq_acc, qat_acc = (evaluate_learned(path, val_path)["acc"] for path in (learned_float, ptq, qat))
     print(f"float {float_acc:.4f}, PTQ {ptq_acc:.4f}, QAT {qat_acc:.4f} ({WEIGHT_BITS}-bit weights)")
     assert float_acc - ptq_acc >= 0.02
     assert qat_acc - ptq_acc >= 0.5 * (float_acc - ptq_acc)
