@@ -1,6 +1,6 @@
 """The whole story on the embedded demo dataset, on CPU: float training; post-training quantization (calibration
 only) and QAT from that checkpoint; evaluation of all three; INT8 ONNX export of the QAT model and its parity with
-the QAT checkpoint; and a float vs PTQ vs QAT vs deployed table.
+the QAT checkpoint; and a float vs PTQ vs QAT (simulated and integer) vs deployed table.
 
     python demo.py [--output_path ./demo_run]
 Each stage runs the same entry points a user runs (train.py, eval.py); their command lines are printed.
@@ -51,16 +51,21 @@ def main():
     float_result, ptq_result, qat_result, deployed = (
         run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", model, *DEMO_CONFIG])
         for model in (float_ckpt, ptq_ckpt, qat_ckpt, onnx_model))
+    simulated = run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", qat_ckpt, "--simulated",
+                                      *DEMO_CONFIG])
     parity = run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", qat_ckpt,
                                    "--parity_with", onnx_model, *DEMO_CONFIG])
 
     print("\n| model | top-1 | top-5 |\n|---|---|---|")
-    for name, result in (("float (MindSpore)", float_result), ("PTQ, calibration only, simulated INT8", ptq_result),
-                         ("QAT, simulated INT8 (MindSpore)", qat_result), ("QAT, INT8 ONNX (ONNX Runtime)", deployed)):
+    for name, result in (("float (MindSpore)", float_result),
+                         ("PTQ, calibration only, INT8 integer inference (MindSpore)", ptq_result),
+                         ("QAT, simulated: fake quantization in float (MindSpore)", simulated),
+                         ("QAT, INT8 integer inference (MindSpore)", qat_result),
+                         ("QAT, INT8 ONNX (ONNX Runtime)", deployed)):
         print(f"| {name} | {100 * result['acc']:.2f}% | {100 * result['top5']:.2f}% |")
     print(f"\n{float_result['images']} validation images; QAT vs float: "
           f"{100 * (qat_result['acc'] - float_result['acc']):+.2f} points, PTQ vs float: "
-          f"{100 * (ptq_result['acc'] - float_result['acc']):+.2f} points; simulated vs deployed top-1 agreement "
+          f"{100 * (ptq_result['acc'] - float_result['acc']):+.2f} points; integer inference vs deployed top-1 agreement "
           f"{100 * parity['top1_agreement']:.2f}%, largest logit difference {parity['max_logit_diff_steps']:.2f} "
           f"output quantization steps")
     print(f"demo finished in {(time.time() - start) / 60:.1f} min")

@@ -6,7 +6,9 @@
     python eval.py --dataset_path ~/imagenet/val --checkpoint_path q.ckpt --parity_with mobilenetv2_int8.onnx
 For a checkpoint the network (float or quantized, classes, width) and the input size it was trained at are read
 from the file (--image_height/--image_width choose another size, with a warning); --network checks the kind.
---parity_with runs the checkpoint and an exported model side by side and reports how far they agree.
+A quantized checkpoint is evaluated with the deployed INT8 model's integer arithmetic, as ONNX Runtime computes its
+export (src/quant/integer.py); --simulated evaluates it with fake quantization in float instead (the arithmetic
+of training). --parity_with runs the checkpoint and an exported model side by side and reports how far they agree.
 """
 import os
 import sys
@@ -15,11 +17,11 @@ import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpo
 import mindspore as ms
 
 from src import checkpoint
-from src.config import parse_args, print_config
+from src.config import parse_args, parse_bool, print_config
 from src.dataset import DatasetError, check_input_record, create_dataset
 from src.evaluation import evaluate, mindir_predictor, network_predictor, onnx_predictor, parity
 from src.mobilenetV2 import network_from_config
-from src.quant.layers import quant_state_names
+from src.quant.layers import quant_state_names, set_integer_inference
 
 EXPORTED = {".onnx": onnx_predictor, ".mindir": mindir_predictor}
 
@@ -32,6 +34,9 @@ def add_args(parser):
                         help="the kind of network expected in the checkpoint (checked)")
     parser.add_argument("--parity_with", default=None,
                         help="an exported model (.onnx, .mindir) to compare with the checkpoint, image by image")
+    parser.add_argument("--simulated", type=parse_bool, nargs="?", const=True, default=False,
+                        help="a quantized checkpoint: evaluate with fake quantization in float, not with the "
+                             "deployed model's integer arithmetic")
 
 
 def load_network(path, config, expected_kind=None, given=frozenset(), quantized=None):
@@ -76,6 +81,11 @@ def main(argv=None):
             network = None
         else:
             network = load_network(args.checkpoint_path, config, args.network, args.config_given)
+            if args.simulated:
+                if not network.quantized:
+                    raise checkpoint.CheckpointError(f"--simulated evaluates a quantized checkpoint; {name} holds a "
+                                                     f"float network")
+                set_integer_inference(network, False)
             predict = network_predictor(network, config.batch_size)
         print_config(config)
         data = create_dataset(args.dataset_path, False, config)
@@ -85,8 +95,9 @@ def main(argv=None):
                                                  "*.ckpt) with its export")
             step = float(network.classifier.output_quant.observer.qparams()[0].asnumpy())
             result = parity(predict, exported_predictor(args.parity_with), data, step)
+            arithmetic = "simulated" if args.simulated else "integer inference"
             print(f"parity: {name} vs {os.path.basename(args.parity_with)} over {result['images']} images\n"
-                  f"| model | top-1 |\n|---|---|\n| {name} (simulated) | {100 * result['acc_a']:.2f}% |\n"
+                  f"| model | top-1 |\n|---|---|\n| {name} ({arithmetic}) | {100 * result['acc_a']:.2f}% |\n"
                   f"| {os.path.basename(args.parity_with)} (deployed) | {100 * result['acc_b']:.2f}% |\n"
                   f"top-1 agreement: {100 * result['top1_agreement']:.2f}%, largest logit difference: "
                   f"{result['max_logit_diff_steps']:.2f} output quantization steps")

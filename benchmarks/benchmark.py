@@ -3,7 +3,8 @@
     python benchmarks/benchmark.py [--batch_size 32] [--device_target CPU] [--output benchmark.json]
 
 Measures, each in a process of its own (so peak resident memory is per mode): float training, QAT training and
-QAT evaluation images/s (random inputs: compute only) with graph compile time; the data pipeline alone
+QAT evaluation images/s (random inputs: compute only; integer inference, and fake quantization: "simulated") with
+graph compile time; the data pipeline alone
 (decode + augment + batch) on generated JPEGs of ImageNet-like size; ONNX Runtime FP32 and INT8 images/s at the
 batch size and latency at batch 1; and, when the interpreter given by --peer_python has PyTorch, the peer
 (benchmarks/peer_pytorch.py: PyTorch eager QAT of the same network, its converted INT8 model), with glibc's
@@ -25,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import src  # noqa: E402,F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
 
-PARTS = ("data", "float_train", "qat_train", "qat_eval", "onnx", "peer", "peer_malloc_tuned")
+PARTS = ("data", "float_train", "qat_train", "qat_eval", "qat_eval_simulated", "onnx", "peer", "peer_malloc_tuned")
 # glibc's malloc returns PyTorch's large buffers to the kernel after each step in these virtual machines, and the
 # page faults that follow halved its training speed (measured); the peer runs both ways and the faster one counts.
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
@@ -107,10 +108,12 @@ def part_train(args, quantized):
     return {"images_per_s": rate, "compile_and_first_step_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
 
 
-def part_qat_eval(args):
+def part_qat_eval(args, integer):
     ms = _setup(args)
     from src.mobilenetV2 import network_from_config
+    from src.quant.layers import set_integer_inference
     network = network_from_config(_config(args), quantized=True)
+    set_integer_inference(network, integer)
     network.set_train(False)
     images = ms.Tensor(np.random.default_rng(0).normal(0, 1, (args.batch_size, 3, 224, 224)).astype(np.float32))
     start = time.perf_counter()
@@ -195,8 +198,8 @@ def run_part(args):
         return part_data(args)
     if args.part in ("float_train", "qat_train"):
         return part_train(args, quantized=args.part == "qat_train")
-    if args.part == "qat_eval":
-        return part_qat_eval(args)
+    if args.part in ("qat_eval", "qat_eval_simulated"):
+        return part_qat_eval(args, integer=args.part == "qat_eval")
     return part_onnx(args)
 
 
@@ -246,6 +249,9 @@ def main():
         results["qat_over_float_train"] = results["qat_train"]["images_per_s"] / results["float_train"]["images_per_s"]
         results["qat_over_float_train_memory"] = (results["qat_train"]["peak_rss_mb"]
                                                   / results["float_train"]["peak_rss_mb"])
+    if "images_per_s" in results.get("qat_eval", {}) and "images_per_s" in results.get("qat_eval_simulated", {}):
+        results["integer_over_simulated_eval_time"] = (results["qat_eval_simulated"]["images_per_s"]
+                                                       / results["qat_eval"]["images_per_s"])
     if "data" in results and "qat_train" in results and "error" not in results["data"] \
             and "error" not in results["qat_train"]:
         results["data_over_qat_train"] = results["data"]["images_per_s"] / results["qat_train"]["images_per_s"]
@@ -267,7 +273,8 @@ def format_table(results):
         rows.append(f"| {name} | {'failed' if value is None else f'{value:.1f} {unit}'} |")
     row("float training", "float_train", "images_per_s", "img/s")
     row("QAT training", "qat_train", "images_per_s", "img/s")
-    row("QAT evaluation", "qat_eval", "images_per_s", "img/s")
+    row("QAT evaluation (integer inference)", "qat_eval", "images_per_s", "img/s")
+    row("QAT evaluation (simulated: fake quantization)", "qat_eval_simulated", "images_per_s", "img/s")
     row("data pipeline (decode + augment + batch)", "data", "images_per_s", "img/s")
     row("float training peak memory", "float_train", "peak_rss_mb", "MB")
     row("QAT training peak memory", "qat_train", "peak_rss_mb", "MB")
@@ -281,6 +288,7 @@ def format_table(results):
         rows.append(f"| ONNX Runtime {name.upper()}, batch 1 latency | {stats.get('latency_ms_batch1', float('nan')):.1f} ms |")
     for key, label in (("qat_over_float_train", "QAT / float training throughput"),
                        ("qat_over_float_train_memory", "QAT / float training peak memory"),
+                       ("integer_over_simulated_eval_time", "integer / simulated evaluation time"),
                        ("data_over_qat_train", "data pipeline / QAT training throughput")):
         if key in results:
             rows.append(f"| {label} | {results[key]:.2f}x |")

@@ -3,6 +3,7 @@ description: the layer kinds come from `FloatLayers` or `QuantLayers`, the archi
 from mindspore import nn, ops
 
 from src.layers import FloatLayers, make_divisible
+from src.quant import integer
 from src.quant.layers import QuantLayers
 from src.quant.quantizer import QuantConfig
 
@@ -50,6 +51,7 @@ class MobileNetV2(nn.Cell):
         super().__init__()
         layers = QuantLayers(quant_config) if quant_config is not None else FloatLayers()
         self.quantized = layers.quantized
+        self.integer_inference = self.quantized  # see src/quant/layers.py
         self.num_classes, self.width_mult, self.quant_config = num_classes, width_mult, quant_config
         # The network input is quantized too: the integer model starts from quantized pixels.
         self.input_quant = layers.activation_quant()
@@ -68,6 +70,10 @@ class MobileNetV2(nn.Cell):
         self.classifier = layers.dense(last_channels, num_classes)
 
     def construct(self, x):
+        if self.integer_inference and not self.training:
+            # The deployed integer model: activations travel as (codes, scale, zero point) from here on.
+            x = self.features(integer.quantize(x, *self.input_quant.observer.qparams()))
+            return self.classifier(integer.global_average_pool(x, *self.pool_quant.observer.qparams()))
         x = self.features(self.input_quant(x))
         x = self.pool_quant(ops.mean(x, (2, 3)))
         return self.classifier(x)

@@ -3,18 +3,20 @@
 MindSpore's own ONNX export writes fake-quant as float arithmetic, so the graph is written here from the trained
 Parameters with the `onnx` helpers: QuantizeLinear/DequantizeLinear (opset 13, per-channel weights) around each
 convolution, the residual adds and the pooling, with
-  - weights: the BN-folded weights (running statistics, as QuantConvBNAct folds them), rounded with the weight
-    quantizer's per-channel scales to int8 (7- or 8-bit values, zero point 0);
-  - biases: the folded bias in int32 at scale input_scale * weight_scale, as integer kernels take it;
+  - weights and biases: each layer's `deployed_weights`, the constants its integer inference computes with: the
+    BN-folded weights (running statistics) rounded to int8 with the weight quantizer's per-channel scales (7- or
+    8-bit values, zero point 0), the folded bias in int32 at scale input_scale * weight_scale;
   - activations: uint8 with the scales and zero points the observers learned in training.
 ONNX Runtime's QDQ fusion turns Q -> DQ -> Conv -> (Clip) -> Q into QLinearConv, Add into QLinearAdd and the
 pooling into QLinearGlobalAveragePool. The classifier is written as a 1x1 convolution on the pooled (N, C, 1, 1)
 tensor: the same arithmetic as the dense layer, and it keeps the whole network in integer kernels.
 
-`export_onnx` mirrors MobileNetV2.construct; a change of the architecture changes both.
+`export_onnx` mirrors MobileNetV2.construct; a change of the architecture changes both. Inference of the quantized
+network computes this graph's arithmetic as ONNX Runtime does (src/quant/integer.py).
 """
 import numpy as np
 import onnx
+from mindspore import Tensor
 from onnx import helper, numpy_helper, TensorProto
 
 from src.quant.layers import QuantConvBNAct
@@ -64,19 +66,14 @@ def _quantize_activation(graph, x, quantizer, hint):
     return _Activation(graph.op("DequantizeLinear", [q, scale_name, zp_name], f"{hint}_dq"), scale, zero_point)
 
 
-def quantized_weight(weight_quantizer, weight):
-    """Integer weights and per-channel scales, rounded exactly as the fake-quantizer rounds them."""
-    weight_quantizer.observer(weight)  # the range of these weights, unless the observer is frozen
-    scale = _numpy(weight_quantizer.observer.qparams()[0]).astype(np.float32)
-    weight = _numpy(weight).astype(np.float32)
-    q = np.clip(np.round(weight / scale), weight_quantizer.qmin, weight_quantizer.qmax)
-    return q.astype(np.int8), scale.reshape(-1)
-
-
-def _conv(graph, x, q_weight, w_scale, bias, output_quantizer, hint, activation=False, stride=1, padding=0,
-          groups=1):
+def _conv(graph, x, layer, hint, activation=False, stride=1, padding=0, groups=1):
+    """The layer's deployed constants (its `deployed_weights`, what integer inference computes with) written as
+    DequantizeLinear -> Conv (-> ReLU6) -> QuantizeLinear -> DequantizeLinear."""
+    q_weight, w_scale, q_bias = (_numpy(t) for t in layer.deployed_weights(Tensor(x.scale)))
+    q_weight = q_weight.astype(np.int8)
+    if q_weight.ndim == 2:  # the classifier, as a 1x1 convolution
+        q_weight = q_weight.reshape(q_weight.shape + (1, 1))
     bias_scale = (x.scale * w_scale).astype(np.float32)
-    q_bias = np.round(_numpy(bias).astype(np.float32) / bias_scale).astype(np.int32)
     channels = len(w_scale)
     w = graph.op("DequantizeLinear", [graph.const(f"{hint}_w", q_weight), graph.const(f"{hint}_w_scale", w_scale),
                                       graph.const(f"{hint}_w_zp", np.zeros(channels, np.int8))], f"{hint}_w_dq",
@@ -91,14 +88,11 @@ def _conv(graph, x, q_weight, w_scale, bias, output_quantizer, hint, activation=
         # ReLU6; the uint8 range that follows lies within [0, 6], so ONNX Runtime folds this Clip into it.
         y = graph.op("Clip", [y, graph.const(f"{hint}_min", np.float32(0)), graph.const(f"{hint}_max", np.float32(6))],
                      f"{hint}_relu6")
-    return _quantize_activation(graph, y, output_quantizer, hint)
+    return _quantize_activation(graph, y, layer.output_quant, hint)
 
 
 def _conv_bn_act(graph, x, layer, hint):
-    weight, bias = layer.fold()
-    q_weight, w_scale = quantized_weight(layer.weight_quant, weight)
-    return _conv(graph, x, q_weight, w_scale, bias, layer.output_quant, hint, layer.activation, layer.stride,
-                 layer.padding, layer.groups)
+    return _conv(graph, x, layer, hint, layer.activation, layer.stride, layer.padding, layer.groups)
 
 
 def export_onnx(network, path, image_height, image_width):
@@ -122,10 +116,7 @@ def export_onnx(network, path, image_height, image_width):
         x = y
     pooled = graph.op("GlobalAveragePool", [x.name], "pool")
     x = _quantize_activation(graph, pooled, network.pool_quant, "pool")
-    classifier = network.classifier
-    q_weight, w_scale = quantized_weight(classifier.weight_quant, classifier.weight)
-    logits = _conv(graph, x, q_weight.reshape(q_weight.shape + (1, 1)), w_scale, classifier.bias,
-                   classifier.output_quant, "classifier")
+    logits = _conv(graph, x, network.classifier, "classifier")
     graph.nodes.append(helper.make_node("Flatten", [logits.name], ["logits"], name="logits", axis=1))
 
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, image_height, image_width])]

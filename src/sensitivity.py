@@ -2,7 +2,7 @@
 costs, with every other tensor left in float.
 
 For each quantizer of a quantized network, only its rounding is switched on (`quant_enabled`), the network is run
-in inference mode over a fixed set of images, and two figures are taken against the all-float run of the same
+in inference mode with fake quantization (not the integer model's arithmetic, which rounds everything) over a fixed set of images, and two figures are taken against the all-float run of the same
 network (same folded BN, same ranges, nothing rounded): top-1 accuracy, and the signal-to-quantization-noise
 ratio of the logits, 10 log10(sum(reference^2) / sum((logits - reference)^2)) in dB. Low SQNR and lost accuracy
 point at the tensors that want more bits, a wider range or a closer look.
@@ -12,6 +12,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from src.evaluation import network_predictor
+from src.quant.layers import set_integer_inference
 from src.quant.observers import PerChannelAbsMaxObserver
 from src.quant.quantizer import Quantizer
 from src.quant.schedule import set_switches
@@ -53,7 +54,9 @@ def measure(network, images, labels, batch_size):
     """Sensitivity of every quantized tensor of `network` (ranges as they are) over `images` (a list of batches)
     and `labels` (all of them, concatenated). Returns (reference, all_quantized, rows): the all-float and the
     fully quantized {"acc", "sqnr_db"}, and one row per tensor {"tensor", "kind", "acc", "sqnr_db"}, in network
-    order. The rounding switches are left as they were."""
+    order. The rounding switches are left as they were; the network's inference is fake quantization afterwards
+    (set_integer_inference)."""
+    set_integer_inference(network, False)
     predict = network_predictor(network, batch_size)
     found = quantizers(network)
     before = {name: quantizer.quant_enabled.asnumpy().copy() for name, quantizer in found}

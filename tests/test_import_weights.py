@@ -239,4 +239,4 @@ def test_import_ptq_qat_onnx_chain(fine_tuned, learning_data, tmp_path):
     print({name: round(result["acc"], 4) for name, result in results.items()}, parity)
     for name in ("ptq", "qat", "onnx"):
         assert results[name]["acc"] >= results["float"]["acc"] - 0.05, name
-    assert parity["top1_agreement"] >= 0.97
+    assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0

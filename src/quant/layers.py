@@ -1,14 +1,43 @@
 """Quantization-aware versions of the float blocks in src/layers.py, with the same Parameter names plus their
-quantizers' state, and `QuantLayers`, which the network description uses to build them."""
+quantizers' state, and `QuantLayers`, which the network description uses to build them.
+
+In training each layer fake-quantizes (float arithmetic, straight-through gradients). In inference it computes
+what the exported INT8 model computes (src/quant/integer.py), on activations that travel as (codes, scale,
+zero_point); `set_integer_inference(network, False)` brings back fake quantization in inference, which lets the
+rounding of single tensors be switched (quantization sensitivity).
+"""
 from mindspore import ops
 from mindspore.communication import get_group_size
 
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, values_per_channel
+from src.quant import integer
 from src.quant.observers import switch_parameter
 from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantizer
 
 
-class QuantConvBNAct(ConvBNAct):
+class _IntegerLayer:
+    """What a quantized convolution or dense layer deploys as: int8 weight codes, int32 bias, requantization."""
+    integer_inference = True
+
+    def _init_integer(self, fan_in):
+        # Wide layers whose products could leave float32's exact integers are computed digit by digit.
+        self.weight_digits = integer.needs_weight_digits(fan_in, self.weight_quant.qmax)
+
+    def integer_weights(self, weight, bias, input_scale):
+        """Weight codes (as floats), their per-output-channel scales and the int32 bias codes for an input of
+        scale `input_scale`: the constants of the exported model."""
+        codes, scale = self.weight_quant.codes(weight)
+        scale = scale.reshape(-1)
+        return codes, scale, integer.bias_codes(bias, input_scale * scale)
+
+    def integer_output(self, acc, input_scale, weight_scale):
+        """Requantizes int32 accumulators (N, C, ...) into the output quantizer's range."""
+        scale, zero_point = self.output_quant.observer.qparams()
+        multiplier = (input_scale * weight_scale / scale).reshape((1, -1) + (1,) * (acc.ndim - 2))
+        return integer.requantize(acc, multiplier, zero_point), scale, zero_point
+
+
+class QuantConvBNAct(ConvBNAct, _IntegerLayer):
     """Conv + BN (+ ReLU6) with BN folded into the convolution, as integer inference computes it.
 
     The convolution always runs with the weights folded by the running statistics, W * gamma / sigma_run, and
@@ -27,6 +56,7 @@ class QuantConvBNAct(ConvBNAct):
         self.output_quant = activation_quantizer(config)
         self.bn_frozen = switch_parameter("bn_frozen", 0.0)
         self.affine_act = None  # the output quantizer computes act(a * y + b)
+        self._init_integer(in_channels // groups * kernel_size * kernel_size)
         # Data parallel: every rank moves its running statistics by the mean of all ranks' batch statistics, so
         # the folded weights (and the checkpoint rank 0 writes) are the same on every rank.
         if config.sync_group:
@@ -38,7 +68,16 @@ class QuantConvBNAct(ConvBNAct):
         scale, bias = self.running_affine()
         return self.weight * scale.reshape(-1, 1, 1, 1), bias
 
+    def deployed_weights(self, input_scale):
+        """integer_weights of the BN-folded weight and bias."""
+        return self.integer_weights(*self.fold(), input_scale)
+
     def construct(self, x):
+        if not self.training and self.integer_inference:
+            codes, scale, zero_point = x
+            weight_codes, weight_scale, bias = self.deployed_weights(scale)
+            acc = integer.accumulate(self.conv, codes - zero_point, weight_codes, self.weight_digits)
+            return self.integer_output(acc + bias.reshape(1, -1, 1, 1), scale, weight_scale)
         fold_scale, folded_bias = self.running_affine()
         folded_weight = self.weight * fold_scale.reshape(-1, 1, 1, 1)
         y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
@@ -57,26 +96,39 @@ class QuantConvBNAct(ConvBNAct):
         return self.output_quant.affine_act(y, a, b, self.activation, stats[2:])
 
 
-class QuantDense(Dense):
-    """Dense with per-output-channel fake-quantized weights and a quantized output."""
+class QuantDense(Dense, _IntegerLayer):
+    """Dense with per-output-channel fake-quantized weights and a quantized output. In integer inference it takes
+    quantized (N, C) codes and returns the dequantized output, as the exported model's last DequantizeLinear."""
 
     def __init__(self, in_channels, out_channels, *, config):
         super().__init__(in_channels, out_channels)
         self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         self.output_quant = activation_quantizer(config)
+        self._init_integer(in_channels)
+
+    def deployed_weights(self, input_scale):
+        return self.integer_weights(self.weight, self.bias, input_scale)
 
     def construct(self, x):
+        if not self.training and self.integer_inference:
+            codes, scale, zero_point = x
+            weight_codes, weight_scale, bias = self.deployed_weights(scale)
+            acc = integer.accumulate(self.matmul, codes - zero_point, weight_codes, self.weight_digits)
+            return integer.dequantize(self.integer_output(acc + bias, scale, weight_scale))
         return self.output_quant(self.low_precision(self.matmul, x, self.weight_quant(self.weight)) + self.bias)
 
 
 class QuantAdd(Add):
     """Residual add whose sum is quantized, as an integer add requantizes its output."""
+    integer_inference = True
 
     def __init__(self, *, config):
         super().__init__()
         self.output_quant = activation_quantizer(config)
 
     def construct(self, x, y):
+        if not self.training and self.integer_inference:
+            return integer.add(x, y, *self.output_quant.observer.qparams())
         return self.output_quant(x + y)
 
 
@@ -98,6 +150,14 @@ class QuantLayers:
 
     def activation_quant(self):
         return activation_quantizer(self.config)
+
+
+def set_integer_inference(network, enabled):
+    """Inference of the quantized `network` as the deployed integer model computes it (the default) or, with
+    `enabled` False, as fake quantization in float. Takes effect in graphs compiled afterwards."""
+    for _, cell in network.cells_and_names():
+        if hasattr(cell, "integer_inference"):
+            cell.integer_inference = enabled
 
 
 def quant_state_names(network):

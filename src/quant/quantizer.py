@@ -39,6 +39,13 @@ class Quantizer(nn.Cell):
         scale, zero_point = self.observer.qparams()
         return self.fake_quant(x, scale, zero_point, self.quant_enabled)
 
+    def codes(self, x):
+        """x as integer codes in [qmin, qmax] (held in float32) and their scale: a weight as the deployed model
+        stores it (the observer takes x's own range, unless it is frozen)."""
+        x = self.observer(x)
+        scale, zero_point = self.observer.qparams()
+        return ops.clip_by_value(ops.round(x / scale) + zero_point, float(self.qmin), float(self.qmax)), scale
+
     def affine_act(self, y, a, b, activation, channel_extremes):
         """Quantized act(a * y + b), with a and b per channel of y (N, C, H, W) and act ReLU6 or none: a
         quantized layer's output, one pass over y on CPU. In training the observer takes the range of
