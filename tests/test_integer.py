@@ -9,6 +9,7 @@ import pytest
 from mindspore import nn, ops, Tensor
 from onnx import helper, numpy_helper, TensorProto
 
+from conftest import evaluate_learned, learned_argv
 from src.kernels import stock_convolution
 from src.quant import integer
 from src.quant.layers import QuantAdd, QuantConvBNAct, QuantDense
@@ -237,3 +238,22 @@ def _ort_quantize(x, scale, zero_point):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": x})[0]
+
+
+def test_8bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tmp_path):
+    """8-bit weights end to end, through the scripts: PTQ of the learned float network, INT8 ONNX export, and the
+    checkpoint's evaluation against ONNX Runtime's, image for image (7 bits: tests/test_export.py and the import
+    chain)."""
+    if not cpu_has_vnni():
+        pytest.skip("8-bit weights: ONNX Runtime's AVX2 kernels (no VNNI) saturate 16-bit pair sums")
+    import export as export_script
+    import train as train_script
+    train_path, val_path = learning_data
+    ptq = train_script.main(["--mode", "ptq", "--pre_trained", learned_float, "--dataset_path", train_path,
+                             *learned_argv(weight_bits=8), "--calibration_batches", "4",
+                             "--save_checkpoint_path", str(tmp_path / "ptq")])
+    onnx_model = export_script.main(["--ckpt_file", ptq, "--file_format", "ONNX", *learned_argv(weight_bits=8),
+                                     "--file_name", str(tmp_path / "int8")])
+    parity = evaluate_learned(ptq, val_path, "--parity_with", onnx_model)
+    assert parity["acc_a"] > 0.9  # a network that has learned, so its logits differ from image to image
+    assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0

@@ -252,6 +252,7 @@ def test_sensitivity_report_measures_each_tensor_alone(demo_data, qat_run, tmp_p
     from eval import load_network
     from src.dataset import Epoch, create_dataset
     from src.evaluation import network_predictor
+    from src.quant.layers import set_integer_inference
     from src.sensitivity import quantizers
     _, val_path = demo_data
     last, _ = qat_run
@@ -267,6 +268,7 @@ def test_sensitivity_report_measures_each_tensor_alone(demo_data, qat_run, tmp_p
     # the figures of two tensors, a weight and an activation, computed directly
     config = tiny_config()
     network = load_network(last, config)
+    set_integer_inference(network, False)  # as analyze measures: fake quantization, tensor by tensor
     found = quantizers(network)
     # weights, conv and classifier outputs, residual sums, the input and the pooling
     assert len(rows) == len(found) == 53 + 53 + 11 + 2
