@@ -10,7 +10,7 @@ from mindspore import nn, ops, Tensor
 from onnx import helper, numpy_helper, TensorProto
 
 from conftest import evaluate_learned, learned_argv
-from src.kernels import stock_convolution
+from src.kernels import stock_convolution, use_mindspore_ops
 from src.quant import integer
 from src.quant.layers import QuantAdd, QuantConvBNAct, QuantDense
 from src.quant.quantizer import QuantConfig
@@ -56,6 +56,18 @@ class Deployed(nn.Cell):
         inputs = [(quantized[i], quantized[i + 1], quantized[i + 2]) for i in range(0, len(quantized), 3)]
         out = self.layer(*inputs)
         return out if isinstance(self.layer, QuantDense) else out[0]
+
+
+# Both ways integer inference runs: our CPU kernels (requantization, the add, direct convolutions) and MindSpore ops.
+PATHS = ["cpu_kernels", "mindspore_ops"]
+
+
+def on_path(layer, path):
+    if path == "mindspore_ops":
+        use_mindspore_ops(layer)
+    kernel = getattr(layer, "requantize_kernel", getattr(layer, "add_kernel", None))
+    assert (kernel is not None) == (path == "cpu_kernels" and not getattr(layer, "weight_digits", False))
+    return layer
 
 
 def run_deployed(layer, *quantized):
@@ -111,13 +123,14 @@ CONVS = {"stem": (3, 16, 3, 2, 1, True), "depthwise": (24, 24, 3, 1, 24, True),
          "project": (96, 24, 1, 1, 1, False), "wide_project": (960, 160, 1, 1, 1, False)}
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits", [7, 8])
 @pytest.mark.parametrize("kind", list(CONVS))
-def test_convolution_gives_qlinearconv_codes(kind, bits):
+def test_convolution_gives_qlinearconv_codes(kind, bits, path):
     if bits == 8 and not cpu_has_vnni():
         pytest.skip("8-bit weights: ONNX Runtime's AVX2 kernels (no VNNI) saturate 16-bit pair sums")
     cin, cout, kernel, stride, groups, activation = CONVS[kind]
-    layer = conv_layer(cin, cout, kernel, stride, groups, activation, bits)
+    layer = on_path(conv_layer(cin, cout, kernel, stride, groups, activation, bits), path)
     codes, scale, zero_point = random_codes((2, cin, 9, 9)), f32(0.02), 0 if activation else 131
     reference = float_conv(layer, (codes.astype(f32) - zero_point) * scale)
     low, high = (0.0, min(6.0, reference.max() * 0.9)) if activation else np.quantile(reference, [0.02, 0.98])
@@ -130,21 +143,24 @@ def test_convolution_gives_qlinearconv_codes(kind, bits):
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_classifier_gives_qlinearconv_then_dequantize():
-    """The dense classifier, exported as a 1x1 QLinearConv then DequantizeLinear, over 1280 features: its weights
-    go digit by digit (1280 * 255 * 63 leaves float32's exact integers)."""
-    layer = QuantDense(1280, 10, config=QuantConfig(weight_bits=7))
-    layer.weight.set_data(Tensor(rng.normal(0, 0.05, (10, 1280)).astype(f32)))
+@pytest.mark.parametrize("features", [1280, 80])
+def test_classifier_gives_qlinearconv_then_dequantize(features):
+    """The dense classifier, exported as a 1x1 QLinearConv then DequantizeLinear: over 1280 features (full width)
+    its weights go digit by digit (1280 * 255 * 63 leaves float32's exact integers), over 80 (the tests' width)
+    in one piece, through the Requantize kernel."""
+    layer = on_path(QuantDense(features, 10, config=QuantConfig(weight_bits=7)), "cpu_kernels")
+    layer.weight.set_data(Tensor(rng.normal(0, 0.05, (10, features)).astype(f32)))
     layer.bias.set_data(Tensor(rng.normal(0, 0.5, 10).astype(f32)))
-    codes, scale, zero_point = random_codes((4, 1280)), f32(0.03), 0
-    set_range(layer.output_quant, -4.0, 6.0)
+    codes, scale, zero_point = random_codes((4, features)), f32(0.03), 0
+    set_range(layer.output_quant, -4.0 * features / 1280, 6.0 * features / 1280)
     ours = run_deployed(layer, (codes, scale, zero_point))
     constants = [t.asnumpy() for t in layer.deployed_weights(Tensor(scale))]
-    theirs = ort_conv(layer, codes.reshape(4, 1280, 1, 1), scale, zero_point, *constants).reshape(4, 10)
+    theirs = ort_conv(layer, codes.reshape(4, features, 1, 1), scale, zero_point, *constants).reshape(4, 10)
     out_scale, out_zero_point = (t.asnumpy() for t in layer.output_quant.observer.qparams())
     dequantized = ort_run(helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"]), {"x": theirs},
                           dict(s=f32(out_scale), z=np.uint8(out_zero_point)), TensorProto.FLOAT)
-    assert layer.weight_digits
+    assert layer.weight_digits == (features == 1280)
+    assert 0 < np.mean(np.abs(dequantized) < 0.9 * 6.0 * features / 1280)  # not all saturated
     np.testing.assert_array_equal(ours, dequantized)
 
 
@@ -177,12 +193,13 @@ def _contraction_sensitive_ranges(count):
     return found
 
 
-def test_residual_add_gives_qlinearadd_codes():
+@pytest.mark.parametrize("path", PATHS)
+def test_residual_add_gives_qlinearadd_codes(path):
     """Every pair of uint8 codes, for random ranges and for ranges where the rounding of MLAS's constant matters."""
     a, b = (g.reshape(1, 1, 256, 256).astype(np.uint8) for g in np.meshgrid(np.arange(256), np.arange(256)))
     cases = [(rng.uniform(0.005, 0.1, 3).astype(f32), rng.integers(0, 256, 3)) for _ in range(3)]
     for scales, zeros in cases + _contraction_sensitive_ranges(3):
-        layer = QuantAdd(config=QuantConfig())
+        layer = on_path(QuantAdd(config=QuantConfig()), path)
         # a range whose qparams are exactly (scales[2], zeros[2])
         set_range(layer.output_quant, -f32(zeros[2]) * scales[2], (255 - f32(zeros[2])) * scales[2])
         out_scale, out_zero = (t.asnumpy() for t in layer.output_quant.observer.qparams())

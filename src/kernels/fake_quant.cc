@@ -23,6 +23,13 @@
 // Mul and Add compute: the range of act(a * y + b) then follows from each channel's min and max (both operations
 // are monotone), which is how the layer's observer sees its output without another pass over it.
 // The backward passes recompute act(a * y + b) from y: only y is kept for them, not the tensors between.
+//
+// Integer inference (src/quant/integer.py), each one pass where MindSpore ops took several:
+//   Requantize (y, bias[C] int32, multiplier[C], zero_point[1]) -> codes: y (N, C, ...) a convolution's or matrix
+//              product's output holding exact integers (|y| < 2^24); codes = clamp(rint(float(int32(y) + bias)
+//              * multiplier) + zero_point, 0, 255), as ONNX Runtime's QLinearConv requantizes.
+//   QLinearAdd (a, b, constants[3] = {ratio_a, ratio_b, constant}) -> clamp(rint(fma(a, ratio_a, fma(b, ratio_b,
+//              constant))), 0, 255), as MLAS's AVX2 QLinearAdd kernel (each fma rounded once: std::fma).
 
 // No fused multiply-adds in this file (see above). Set before the includes: functions compiled with other options
 // would not be inlined into these, and their loops would not vectorize.
@@ -336,6 +343,55 @@ extern "C" int AffineActFakeQuantGrad(int nparam, void **params, int *ndims, int
     }
     da[c] = static_cast<float>(scale_sum);
     db[c] = static_cast<float>(shift_sum);
+  }
+  return 0;
+}
+
+extern "C" int Requantize(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  Planes p;
+  if (nparam != 5 || std::string(dtypes[0]) != "float32" || std::string(dtypes[1]) != "int32" ||
+      std::string(dtypes[2]) != "float32" || std::string(dtypes[3]) != "float32" || !nchw(ndims, shapes, 0, &p) ||
+      !channel_vector(ndims, shapes, 1, p.c) || !channel_vector(ndims, shapes, 2, p.c) ||
+      !channel_vector(ndims, shapes, 3, 1)) {
+    return 1;
+  }
+  const float *y = static_cast<const float *>(params[0]);
+  const int32_t *bias = static_cast<const int32_t *>(params[1]);
+  const float *multiplier = static_cast<const float *>(params[2]);
+  const float zero_point = *static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
+  const int64_t planes = p.n * p.c, channels = p.c, plane = p.plane;
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < planes; ++q) {
+    const int32_t shift = bias[q % channels];
+    const float scale = multiplier[q % channels], zero = zero_point;
+    const float *in = y + q * plane;
+    float *codes = out + q * plane;
+#pragma omp simd
+    for (int64_t i = 0; i < plane; ++i) {
+      const float v = std::rint(static_cast<float>(static_cast<int32_t>(in[i]) + shift) * scale) + zero;
+      codes[i] = clamp(v, 0.0f, 255.0f);
+    }
+  }
+  return 0;
+}
+
+extern "C" int QLinearAdd(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  const int64_t count = element_count(ndims[0], shapes[0]);
+  if (nparam != 4 || !float32_inputs(nparam, dtypes) || element_count(ndims[1], shapes[1]) != count ||
+      element_count(ndims[2], shapes[2]) != 3) {
+    return 1;
+  }
+  const float *a = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  const float *constants = static_cast<const float *>(params[2]);
+  const float ratio_a = constants[0], ratio_b = constants[1], constant = constants[2];
+  float *out = static_cast<float *>(params[3]);
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = clamp(std::rint(std::fma(a[i], ratio_a, std::fma(b[i], ratio_b, constant))), 0.0f, 255.0f);
   }
   return 0;
 }

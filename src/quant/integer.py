@@ -41,9 +41,12 @@ def dequantize(x):
     return (codes - zero_point) * scale
 
 
-def requantize(acc, multiplier, zero_point):
-    """int32 accumulators to uint8 codes: float32(acc) * multiplier, rounded, shifted by the zero point."""
-    return saturate(ops.round(acc.astype(ms.float32) * multiplier) + zero_point)
+def requantize(product, bias, multiplier, zero_point):
+    """A product (N, C, ...) of accumulate plus the int32 bias [C], to uint8 codes: float32(acc) * multiplier [C],
+    rounded, shifted by the zero point. (The Requantize CPU kernel computes the same in one pass.)"""
+    shape = (1, -1) + (1,) * (product.ndim - 2)
+    acc = product.astype(ms.int32) + bias.reshape(shape)
+    return saturate(ops.round(acc.astype(ms.float32) * multiplier.reshape(shape)) + zero_point)
 
 
 def needs_weight_digits(fan_in, weight_qmax):
@@ -54,10 +57,10 @@ def needs_weight_digits(fan_in, weight_qmax):
 
 def accumulate(product, x, weight_codes, digits):
     """product(x, weight_codes) (a convolution or a matrix product, bias-free and linear in the weights) of
-    integer-valued float32 tensors, as exact int32. With `digits` the weights are split into base-16 digits
-    (|digit| <= 8), each product exact in float32, and recombined in int32."""
+    integer-valued float32 tensors, exact: float32 holding integers; with `digits`, int32: the weights are split
+    into base-16 digits (|digit| <= 8), each product exact in float32, and recombined in int32."""
     if not digits:
-        return product(x, weight_codes).astype(ms.int32)
+        return product(x, weight_codes)
     high = ops.round(weight_codes / WEIGHT_DIGIT)
     low = weight_codes - WEIGHT_DIGIT * high
     return product(x, high).astype(ms.int32) * WEIGHT_DIGIT + product(x, low).astype(ms.int32)
@@ -74,19 +77,23 @@ def _fma(a, b, c):
     return (a.astype(ms.float64) * b.astype(ms.float64) + c.astype(ms.float64)).astype(ms.float32)
 
 
-def add(a, b, scale, zero_point):
-    """QLinearAdd of two quantized activations into the range (scale, zero_point)."""
-    (codes_a, scale_a, zero_a), (codes_b, scale_b, zero_b) = a, b
+def add_constants(a, b, scale, zero_point):
+    """[ratio_a, ratio_b, constant] of QLinearAdd of quantized activations a and b into (scale, zero_point)."""
+    (_, scale_a, zero_a), (_, scale_b, zero_b) = a, b
     ratio_a, ratio_b = scale_a / scale, scale_b / scale
-    constant = zero_point - _fma(ratio_a, zero_a, ratio_b * zero_b)
-    codes = saturate(ops.round(_fma(codes_a, ratio_a, _fma(codes_b, ratio_b, constant))))
-    return codes, scale, zero_point
+    return ops.stack([ratio_a, ratio_b, zero_point - _fma(ratio_a, zero_a, ratio_b * zero_b)])
+
+
+def add(codes_a, codes_b, constants):
+    """QLinearAdd's codes from add_constants. (The QLinearAdd CPU kernel computes the same in one pass.)"""
+    return saturate(ops.round(_fma(codes_a, constants[0], _fma(codes_b, constants[1], constants[2]))))
 
 
 def global_average_pool(x, scale, zero_point):
     """QLinearGlobalAveragePool of x (N, C, H, W) into the range (scale, zero_point): (N, C) codes."""
     codes, x_scale, x_zero_point = x
     size = codes.shape[2] * codes.shape[3]
-    # A channel's sum of uint8 codes is exact in float32 up to 65,000 values (a 8,000 x 8,000 input).
+    # A channel's sum of uint8 codes is exact in float32 up to 65,000 values (a 8,000 x 8,000 input), so acc is
+    # float32(int32 acc) already.
     acc = ops.sum(codes, (2, 3)) - x_zero_point * size
-    return requantize(acc, x_scale / (scale * size), zero_point), scale, zero_point
+    return saturate(ops.round(acc * (x_scale / (scale * size))) + zero_point), scale, zero_point

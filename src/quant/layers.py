@@ -9,6 +9,7 @@ rounding of single tensors be switched (quantization sensitivity).
 from mindspore import ops
 from mindspore.communication import get_group_size
 
+from src.kernels import cpu_kernel_library, qlinear_add_op, requantize_op
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, values_per_channel
 from src.quant import integer
 from src.quant.observers import switch_parameter
@@ -22,6 +23,11 @@ class _IntegerLayer:
     def _init_integer(self, fan_in):
         # Wide layers whose products could leave float32's exact integers are computed digit by digit.
         self.weight_digits = integer.needs_weight_digits(fan_in, self.weight_quant.qmax)
+        library = cpu_kernel_library()
+        self.requantize_kernel = requantize_op(library) if library and not self.weight_digits else None
+
+    def use_mindspore_ops(self):
+        self.requantize_kernel = None
 
     def integer_weights(self, weight, bias, input_scale):
         """Weight codes (as floats), their per-output-channel scales and the int32 bias codes for an input of
@@ -30,11 +36,16 @@ class _IntegerLayer:
         scale = scale.reshape(-1)
         return codes, scale, integer.bias_codes(bias, input_scale * scale)
 
-    def integer_output(self, acc, input_scale, weight_scale):
-        """Requantizes int32 accumulators (N, C, ...) into the output quantizer's range."""
+    def integer_output(self, product, bias, input_scale, weight_scale):
+        """Requantizes a product of integer.accumulate (N, C, ...) plus the int32 bias into the output quantizer's
+        range."""
         scale, zero_point = self.output_quant.observer.qparams()
-        multiplier = (input_scale * weight_scale / scale).reshape((1, -1) + (1,) * (acc.ndim - 2))
-        return integer.requantize(acc, multiplier, zero_point), scale, zero_point
+        multiplier = input_scale * weight_scale / scale
+        if self.requantize_kernel is not None:
+            codes = self.requantize_kernel(product, bias, multiplier, zero_point.reshape(1))
+        else:
+            codes = integer.requantize(product, bias, multiplier, zero_point)
+        return codes, scale, zero_point
 
 
 class QuantConvBNAct(ConvBNAct, _IntegerLayer):
@@ -68,6 +79,10 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
         scale, bias = self.running_affine()
         return self.weight * scale.reshape(-1, 1, 1, 1), bias
 
+    def use_mindspore_ops(self):
+        ConvBNAct.use_mindspore_ops(self)
+        _IntegerLayer.use_mindspore_ops(self)
+
     def deployed_weights(self, input_scale):
         """integer_weights of the BN-folded weight and bias."""
         return self.integer_weights(*self.fold(), input_scale)
@@ -76,8 +91,8 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
         if not self.training and self.integer_inference:
             codes, scale, zero_point = x
             weight_codes, weight_scale, bias = self.deployed_weights(scale)
-            acc = integer.accumulate(self.conv, codes - zero_point, weight_codes, self.weight_digits)
-            return self.integer_output(acc + bias.reshape(1, -1, 1, 1), scale, weight_scale)
+            product = integer.accumulate(self.conv, codes - zero_point, weight_codes, self.weight_digits)
+            return self.integer_output(product, bias, scale, weight_scale)
         fold_scale, folded_bias = self.running_affine()
         folded_weight = self.weight * fold_scale.reshape(-1, 1, 1, 1)
         y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
@@ -113,8 +128,8 @@ class QuantDense(Dense, _IntegerLayer):
         if not self.training and self.integer_inference:
             codes, scale, zero_point = x
             weight_codes, weight_scale, bias = self.deployed_weights(scale)
-            acc = integer.accumulate(self.matmul, codes - zero_point, weight_codes, self.weight_digits)
-            return integer.dequantize(self.integer_output(acc + bias, scale, weight_scale))
+            product = integer.accumulate(self.matmul, codes - zero_point, weight_codes, self.weight_digits)
+            return integer.dequantize(self.integer_output(product, bias, scale, weight_scale))
         return self.output_quant(self.low_precision(self.matmul, x, self.weight_quant(self.weight)) + self.bias)
 
 
@@ -125,10 +140,19 @@ class QuantAdd(Add):
     def __init__(self, *, config):
         super().__init__()
         self.output_quant = activation_quantizer(config)
+        library = cpu_kernel_library()
+        self.add_kernel = qlinear_add_op(library) if library else None
+
+    def use_mindspore_ops(self):
+        self.add_kernel = None
 
     def construct(self, x, y):
         if not self.training and self.integer_inference:
-            return integer.add(x, y, *self.output_quant.observer.qparams())
+            scale, zero_point = self.output_quant.observer.qparams()
+            constants = integer.add_constants(x, y, scale, zero_point)
+            if self.add_kernel is not None:
+                return self.add_kernel(x[0], y[0], constants), scale, zero_point
+            return integer.add(x[0], y[0], constants), scale, zero_point
         return self.output_quant(x + y)
 
 
