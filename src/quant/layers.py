@@ -36,9 +36,13 @@ class _IntegerLayer:
         scale = scale.reshape(-1)
         return codes, scale, integer.bias_codes(bias, input_scale * scale)
 
-    def integer_output(self, product, bias, input_scale, weight_scale):
-        """Requantizes a product of integer.accumulate (N, C, ...) plus the int32 bias into the output quantizer's
-        range."""
+    def integer_forward(self, product, x):
+        """The layer as the exported model computes it, on x = (codes, scale, zero_point): `product` (the layer's
+        convolution or matrix product) of the centred codes and the weight codes, requantized into the output
+        quantizer's range."""
+        codes, input_scale, input_zero_point = x
+        weight_codes, weight_scale, bias = self.deployed_weights(input_scale)
+        product = integer.accumulate(product, codes - input_zero_point, weight_codes, self.weight_digits)
         scale, zero_point = self.output_quant.observer.qparams()
         multiplier = input_scale * weight_scale / scale
         if self.requantize_kernel is not None:
@@ -89,10 +93,7 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
 
     def construct(self, x):
         if not self.training and self.integer_inference:
-            codes, scale, zero_point = x
-            weight_codes, weight_scale, bias = self.deployed_weights(scale)
-            product = integer.accumulate(self.conv, codes - zero_point, weight_codes, self.weight_digits)
-            return self.integer_output(product, bias, scale, weight_scale)
+            return self.integer_forward(self.conv, x)
         fold_scale, folded_bias = self.running_affine()
         folded_weight = self.weight * fold_scale.reshape(-1, 1, 1, 1)
         y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
@@ -122,14 +123,12 @@ class QuantDense(Dense, _IntegerLayer):
         self._init_integer(in_channels)
 
     def deployed_weights(self, input_scale):
+        """integer_weights of the weight and bias."""
         return self.integer_weights(self.weight, self.bias, input_scale)
 
     def construct(self, x):
         if not self.training and self.integer_inference:
-            codes, scale, zero_point = x
-            weight_codes, weight_scale, bias = self.deployed_weights(scale)
-            product = integer.accumulate(self.matmul, codes - zero_point, weight_codes, self.weight_digits)
-            return integer.dequantize(self.integer_output(product, bias, scale, weight_scale))
+            return integer.dequantize(self.integer_forward(self.matmul, x))
         return self.output_quant(self.low_precision(self.matmul, x, self.weight_quant(self.weight)) + self.bias)
 
 
