@@ -65,8 +65,8 @@ def main():
         print(f"| {name} | {100 * result['acc']:.2f}% | {100 * result['top5']:.2f}% |")
     print(f"\n{float_result['images']} validation images; QAT vs float: "
           f"{100 * (qat_result['acc'] - float_result['acc']):+.2f} points, PTQ vs float: "
-          f"{100 * (ptq_result['acc'] - float_result['acc']):+.2f} points; integer inference vs deployed top-1 agreement "
-          f"{100 * parity['top1_agreement']:.2f}%, largest logit difference {parity['max_logit_diff_steps']:.2f} "
+          f"{100 * (ptq_result['acc'] - float_result['acc']):+.2f} points; integer inference vs deployed top-1 "
+          f"agreement {100 * parity['top1_agreement']:.2f}%, largest logit difference {parity['max_logit_diff_steps']:.2f} "
           f"output quantization steps")
     print(f"demo finished in {(time.time() - start) / 60:.1f} min")
 

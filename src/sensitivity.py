@@ -2,10 +2,11 @@
 costs, with every other tensor left in float.
 
 For each quantizer of a quantized network, only its rounding is switched on (`quant_enabled`), the network is run
-in inference mode with fake quantization (not the integer model's arithmetic, which rounds everything) over a fixed set of images, and two figures are taken against the all-float run of the same
-network (same folded BN, same ranges, nothing rounded): top-1 accuracy, and the signal-to-quantization-noise
-ratio of the logits, 10 log10(sum(reference^2) / sum((logits - reference)^2)) in dB. Low SQNR and lost accuracy
-point at the tensors that want more bits, a wider range or a closer look.
+in inference mode with fake quantization (not the integer model's arithmetic, which rounds everything) over a
+fixed set of images, and two figures are taken against the all-float run of the same network (same folded BN,
+same ranges, nothing rounded): top-1 accuracy, and the signal-to-quantization-noise ratio of the logits,
+10 log10(sum(reference^2) / sum((logits - reference)^2)) in dB. Low SQNR and lost accuracy point at the tensors
+that want more bits, a wider range or a closer look.
 """
 import numpy as np
 import mindspore as ms

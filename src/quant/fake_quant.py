@@ -61,8 +61,12 @@ class FakeQuantize(nn.Cell):
     def construct(self, x, scale, zero_point, enabled):
         if self.kernels is not None:
             return self.kernels[0](x, scale.reshape(1), zero_point.reshape(1), self._settings(enabled))
-        q = ops.clip_by_value(ops.round(x / scale) + zero_point, self.qmin, self.qmax)
+        q = self.quantize(x, scale, zero_point)
         return (q - zero_point) * scale * enabled + x * (1.0 - enabled)
+
+    def quantize(self, x, scale, zero_point):
+        """x's integer codes (held in float32): clamp(round(x / scale) + zero_point, qmin, qmax)."""
+        return ops.clip_by_value(ops.round(x / scale) + zero_point, self.qmin, self.qmax)
 
     def bprop(self, x, scale, zero_point, enabled, out, dout):
         no_grads = ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(enabled)

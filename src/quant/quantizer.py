@@ -44,7 +44,7 @@ class Quantizer(nn.Cell):
         stores it (the observer takes x's own range, unless it is frozen)."""
         x = self.observer(x)
         scale, zero_point = self.observer.qparams()
-        return ops.clip_by_value(ops.round(x / scale) + zero_point, float(self.qmin), float(self.qmax)), scale
+        return self.fake_quant.quantize(x, scale, zero_point), scale
 
     def affine_act(self, y, a, b, activation, channel_extremes):
         """Quantized act(a * y + b), with a and b per channel of y (N, C, H, W) and act ReLU6 or none: a
