@@ -27,7 +27,7 @@ def implementation(request, monkeypatch):
 
 
 def per_tensor_fake_quant(qmin, qmax, implementation):
-    quantizer = FakeQuantize(qmin, qmax, per_tensor=True)
+    quantizer = FakeQuantize(qmin, qmax)
     assert (quantizer.kernels is not None) == (implementation == "cpu_kernels")
     return quantizer
 
@@ -96,10 +96,11 @@ def test_asymmetric_qparams_hold_zero_exactly(lo, hi, implementation):
 
 
 @pytest.mark.parametrize("shape", [(8, 4, 3, 3), (8, 1, 3, 3), (6, 10)], ids=["conv", "depthwise", "dense"])
-def test_per_channel_weight_quantizer_matches_numpy(shape):
+def test_per_channel_weight_quantizer_matches_numpy(shape, implementation):
     rng = np.random.default_rng(1)
     w = (rng.normal(0, 1, shape) * rng.uniform(0.01, 2, (shape[0],) + (1,) * (len(shape) - 1))).astype(f32)
     quantizer = weight_quantizer(QuantConfig(weight_bits=8), shape, channel_axis=0)
+    assert (quantizer.fake_quant.kernels is not None) == (implementation == "cpu_kernels")
     got = quantizer(Tensor(w)).asnumpy()
     max_abs = np.abs(w).reshape(shape[0], -1).max(axis=1).reshape((-1,) + (1,) * (len(shape) - 1))
     scale = (max_abs / f32(127)).astype(f32)
@@ -107,6 +108,24 @@ def test_per_channel_weight_quantizer_matches_numpy(shape):
     # each channel uses its own scale: at most 255 distinct levels per channel, the extremes kept exactly
     for c in range(shape[0]):
         assert np.abs(got[c]).max() == pytest.approx(max_abs.ravel()[c], rel=1e-6)
+
+
+def test_per_channel_gradient_is_straight_through_inside_each_channels_range(implementation):
+    """A frozen weight range that no longer holds the weights: each channel passes the gradient where its own
+    range held the value and stops it where the value was clamped; with rounding off it passes everywhere."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 1, (5, 3, 3, 3)).astype(f32)
+    quantizer = weight_quantizer(QuantConfig(weight_bits=4), w.shape, channel_axis=0)
+    max_abs = np.array([0.2, 0.5, 1.0, 2.0, 9.0], f32).reshape(5, 1, 1, 1)
+    quantizer.observer.max_abs.set_data(Tensor(max_abs))
+    quantizer.observer.enabled.set_data(Tensor(f32(0)))
+    grad = ops.GradOperation()(_SumOf(quantizer))
+    got = grad(Tensor(w)).asnumpy()
+    scale = max_abs / f32(7)
+    np.testing.assert_array_equal(got, (np.abs(np.round(w / scale)) <= 7).astype(f32))
+    assert 0 < got[0].mean() < got[3].mean() and got[4].min() == 1  # narrow ranges stop more
+    quantizer.quant_enabled.set_data(Tensor(f32(0)))
+    np.testing.assert_array_equal(ops.GradOperation()(_SumOf(quantizer))(Tensor(w)).asnumpy(), np.ones_like(w))
 
 
 def test_per_channel_observer_takes_any_channel_axis():
@@ -117,12 +136,12 @@ def test_per_channel_observer_takes_any_channel_axis():
 
 
 class _SumOf(nn.Cell):
-    def __init__(self, fake_quant):
+    def __init__(self, cell):
         super().__init__()
-        self.fake_quant = fake_quant
+        self.cell = cell
 
-    def construct(self, x, scale, zero_point, enabled):
-        return self.fake_quant(x, scale, zero_point, enabled).sum()
+    def construct(self, *inputs):
+        return self.cell(*inputs).sum()
 
 
 class _GradOfSum(nn.Cell):
@@ -152,7 +171,7 @@ def test_straight_through_gradient_is_one_inside_zero_outside(implementation):
 def test_moving_average_observer_averages_then_moves_exponentially_then_freezes(implementation):
     # ema_decay 0.6: the average's horizon is 1 / (1 - 0.6) = 2.5 batches, so two plain-mean batches, then EMA
     observer = MovingAverageMinMaxObserver(0, 255, ema_decay=0.6)
-    assert (observer.min_max is not None) == (implementation == "cpu_kernels")
+    assert (observer.min_max is not None) == (observer.range_kernel is not None) == (implementation == "cpu_kernels")
     observer.set_train(True)
     run = Forward(observer)
     run.set_train(True)
@@ -173,6 +192,37 @@ def test_moving_average_observer_averages_then_moves_exponentially_then_freezes(
     observer.enabled.set_data(Tensor(f32(1)))
     run(Tensor(np.array([-30.0, 40.0], f32)))  # evaluation never moves activation ranges
     assert (observer.min_val.asnumpy(), observer.max_val.asnumpy()) == before
+
+
+def test_observer_kernel_moves_the_range_and_gives_qparams_as_the_ops_do():
+    """The one-operator observer update (CPU) against the ops it replaces: the same bits for the moved range, the
+    batch count and the (scale, zero point) it returns, through the plain mean, the moving average (ema_decay 0.75:
+    from the fourth batch), a frozen stretch and ranges with and without zero, at 8 and 4 bits."""
+    rng = np.random.default_rng(11)
+    batches = [np.sort(rng.normal(centre, spread, 2)).astype(f32)
+               for centre, spread in [(0.3, 2.0), (5.0, 0.5), (-4.0, 1.0), (0.1, 3.3), (2.0, 0.01), (-0.2, 7.0),
+                                      (9.0, 1.0), (0.0, 1e-3)]]
+    for qmin, qmax in [(0, 255), (0, 15)]:
+        results = []
+        for kernels in (True, False):
+            observer = MovingAverageMinMaxObserver(qmin, qmax, ema_decay=0.75)
+            if not kernels:
+                observer.use_mindspore_ops()
+            assert (observer.range_kernel is not None) == kernels
+            run = Forward(observer)
+            run.set_train(True)
+            steps = []
+            for i, batch in enumerate(batches):
+                observer.enabled.set_data(Tensor(f32(i not in (5, 6))))
+                scale, zero_point = (t.asnumpy() for t in run(Tensor(batch)))
+                state = [p.asnumpy() for p in (observer.min_val, observer.max_val, observer.batches_seen)]
+                want = [t.asnumpy() for t in observer.qparams()]
+                assert scale == want[0] and zero_point == want[1]  # what it returns is its new state's qparams
+                steps.append([scale, zero_point] + state)
+            results.append(np.array(steps))
+        np.testing.assert_array_equal(results[0], results[1])
+        assert results[0][-1, 4] == 6  # two batches were not counted
+        assert len(set(results[0][:, 0])) == len(batches) - 2  # the range moved at every enabled batch
 
 
 def _conv_pair(groups, seed=0):

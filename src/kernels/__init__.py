@@ -4,7 +4,8 @@ CPU kernels were the bottleneck of a training step (measured; see README, Perfor
 - direct_conv.cc: convolutions larger than 1x1. MindSpore's CPU Conv2D gives oneDNN plain NCHW tensors, and
   oneDNN then runs depthwise and other non-1x1 convolutions with its reference implementation: 90% of a float
   MobileNetV2 training step. 1x1 convolutions take oneDNN's fast path and stay as they are.
-- fake_quant.cc: per-tensor fake quantization and min/max observation in one pass each, and the output of a
+- fake_quant.cc: fake quantization (per tensor or per output channel) and min/max observation in one pass each,
+  the moving-average observer's update in one operator instead of about forty, and the output of a
   quantized Conv+BN(+ReLU6) layer: per-channel statistics of the convolution's output in one pass, then BN's
   affine, the activation and the fake quantization in another (written out as ops, each a pass of its own and a
   tensor kept for backward); and integer inference's requantization and residual add, one pass each (as ops,
@@ -147,17 +148,23 @@ def convolution(out_channels, kernel_size, stride, padding, groups):
     return stock_convolution(out_channels, kernel_size, stride, padding, groups)
 
 
-def fake_quant_per_tensor_ops(library):
+def fake_quant_ops(library):
     """(forward, gradient) custom operators: forward(x, scale, zero_point, settings) -> y and
-    gradient(dy, x, scale, zero_point, settings) -> dx, with settings float32 [qmin, qmax, enabled]; see
-    fake_quant.cc."""
-    return (ops.Custom(f"{library}:FakeQuantPerTensor", _shape_of(0), ms.float32, "aot"),
-            ops.Custom(f"{library}:FakeQuantPerTensorGrad", _shape_of(1), ms.float32, "aot"))
+    gradient(dy, x, scale, zero_point, settings) -> dx, with scale and zero_point one value (per tensor) or one per
+    index of x's first axis (per channel), settings float32 [qmin, qmax, enabled]; see fake_quant.cc."""
+    return (ops.Custom(f"{library}:FakeQuant", _shape_of(0), ms.float32, "aot"),
+            ops.Custom(f"{library}:FakeQuantGrad", _shape_of(1), ms.float32, "aot"))
 
 
 def min_max_op(library):
     """Custom operator x -> float32 [min(x), max(x)] in one pass."""
     return ops.Custom(f"{library}:MinMax", lambda _: [2], ms.float32, "aot")
+
+
+def observe_range_op(library):
+    """Custom operator (batch[2], state[4], settings[3]) -> float32 [5]: the moving-average min/max observer's
+    update and its new scale and zero point; see fake_quant.cc."""
+    return ops.Custom(f"{library}:ObserveRange", lambda *_: [5], ms.float32, "aot")
 
 
 def channel_stats_op(library):

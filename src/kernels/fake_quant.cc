@@ -1,15 +1,20 @@
-// Per-tensor fake quantization, range observation and the BN-corrected output of a quantized Conv+BN(+ReLU6)
+// Fake quantization, range observation and the BN-corrected output of a quantized Conv+BN(+ReLU6)
 // layer (float32), as MindSpore CPU custom "aot" operators. Each is one pass over the tensor where the same
 // arithmetic written as MindSpore ops takes several: they took most of a QAT step's time on CPU (measured).
 // The arithmetic is that of src/quant/fake_quant.py, in the same order, so both give identical bits:
 //   q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax), y = (q - zero_point) * scale.
 //
-//   FakeQuantPerTensor     (x, scale[1], zero_point[1], settings[3] = {qmin, qmax, enabled})  -> y
-//   FakeQuantPerTensorGrad (dy, x, scale[1], zero_point[1], settings[3])                      -> dx: dy where the
+//   FakeQuant              (x, scale[K], zero_point[K], settings[3] = {qmin, qmax, enabled})  -> y
+//   FakeQuantGrad          (dy, x, scale[K], zero_point[K], settings[3])                      -> dx: dy where the
 //                          rounded value lies inside [qmin, qmax] (straight through), 0 where it was clamped
+// with K = 1 (per tensor: activations) or K = x's first dimension (per channel: weights, output channels first).
 // With enabled = 0 (the quantization delay) y = x and dx = dy: the switch is an input, not a branch of the
 // graph, because tensor-valued branches made the QAT training graph compile several times slower (measured).
 //   MinMax                 (x)                                                          -> [min(x), max(x)]
+//   ObserveRange           (batch[2] = {min, max}, state[4] = {min, max, batches_seen, enabled},
+//                          settings[3] = {ema_decay, qmin, qmax}) -> [5]: the moving-average observer's new min,
+//                          max and batches_seen, then the new range's scale and zero point (src/quant/observers.py:
+//                          about forty small ops there, each a graph node that holds memory, measured)
 //
 // A quantized Conv+BN layer's output, from y = conv(x, folded quantized weights), NCHW:
 //   ChannelStats           (y)                               -> [4, C]: mean, biased variance, min, max per channel
@@ -95,6 +100,9 @@ inline float fake_quant(float x, const QParams &qp) {
 // the double additions cost nothing.
 constexpr int64_t kChunk = 256;
 
+// The smallest scale (src/quant/observers.py's SCALE_EPS: float32's epsilon).
+constexpr float kScaleEps = 1.1920928955078125e-07f;
+
 // Written as comparisons: GCC does not vectorize these loops with std::fmin / std::fmax.
 inline float clamp(float v, float low, float high) {
   const float above = v > low ? v : low;
@@ -135,42 +143,70 @@ bool channel_vector(int *ndims, int64_t **shapes, int i, int64_t channels, int64
   return element_count(ndims[i], shapes[i]) == rows * channels;
 }
 
-}  // namespace
-
-extern "C" int FakeQuantPerTensor(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                  void *stream, void *extra) {
-  if (nparam != 5 || !float32_inputs(nparam, dtypes) || !per_tensor(ndims, shapes, 0, 1, 4)) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const QParams qp = read_qparams(params, 1);
-  float *y = static_cast<float *>(params[4]);
-  const int64_t count = element_count(ndims[0], shapes[0]);
-  if (!qp.enabled) {
-    std::memcpy(y, x, sizeof(float) * count);
+// Applies f(qparams, first, last, whole) to the index ranges of x (params[x]) that share a scale and zero point: the
+// whole tensor (per tensor: f runs its loop in parallel), or each index of its first axis (per channel: the channels
+// run in parallel).
+template <typename F>
+int for_each_range(int *ndims, int64_t **shapes, void **params, int x, int scale, F f) {
+  const int64_t count = element_count(ndims[x], shapes[x]);
+  const int64_t channels = element_count(ndims[scale], shapes[scale]);
+  if (channels == 1) {
+    f(read_qparams(params, scale), 0, count, true);
     return 0;
   }
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < count; ++i) y[i] = fake_quant(x[i], qp);
+  if (ndims[x] < 1 || shapes[x][0] != channels) return 1;
+  const int64_t inner = count / channels;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < channels; ++c) {
+    QParams qp = read_qparams(params, scale);
+    qp.scale = static_cast<const float *>(params[scale])[c];
+    qp.zero_point = static_cast<const float *>(params[scale + 1])[c];
+    f(qp, c * inner, (c + 1) * inner, false);
+  }
   return 0;
 }
 
-extern "C" int FakeQuantPerTensorGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                      void *stream, void *extra) {
-  if (nparam != 6 || !float32_inputs(nparam, dtypes) || !per_tensor(ndims, shapes, 1, 2, 5) ||
+bool fake_quant_shapes(int *ndims, int64_t **shapes, int x, int scale, int out) {
+  const int64_t channels = element_count(ndims[scale], shapes[scale]);
+  return element_count(ndims[out], shapes[out]) == element_count(ndims[x], shapes[x]) &&
+         element_count(ndims[scale + 1], shapes[scale + 1]) == channels &&
+         element_count(ndims[scale + 2], shapes[scale + 2]) == 3;
+}
+
+}  // namespace
+
+extern "C" int FakeQuant(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
+  if (nparam != 5 || !float32_inputs(nparam, dtypes) || !fake_quant_shapes(ndims, shapes, 0, 1, 4)) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[4]);
+  return for_each_range(ndims, shapes, params, 0, 1, [=](const QParams &qp, int64_t first, int64_t last, bool whole) {
+    if (!qp.enabled) {
+      std::memcpy(y + first, x + first, sizeof(float) * (last - first));
+      return;
+    }
+#pragma omp parallel for simd schedule(static) if (whole)
+    for (int64_t i = first; i < last; ++i) y[i] = fake_quant(x[i], qp);
+  });
+}
+
+extern "C" int FakeQuantGrad(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 6 || !float32_inputs(nparam, dtypes) || !fake_quant_shapes(ndims, shapes, 1, 2, 5) ||
       element_count(ndims[0], shapes[0]) != element_count(ndims[1], shapes[1])) {
     return 1;
   }
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
-  const QParams qp = read_qparams(params, 2);
   float *dx = static_cast<float *>(params[5]);
-  const int64_t count = element_count(ndims[0], shapes[0]);
-  if (!qp.enabled) {
-    std::memcpy(dx, dy, sizeof(float) * count);
-    return 0;
-  }
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < count; ++i) dx[i] = in_range(x[i], qp) ? dy[i] : 0.0f;
-  return 0;
+  return for_each_range(ndims, shapes, params, 1, 2, [=](const QParams &qp, int64_t first, int64_t last, bool whole) {
+    if (!qp.enabled) {
+      std::memcpy(dx + first, dy + first, sizeof(float) * (last - first));
+      return;
+    }
+#pragma omp parallel for simd schedule(static) if (whole)
+    for (int64_t i = first; i < last; ++i) dx[i] = in_range(x[i], qp) ? dy[i] : 0.0f;
+  });
 }
 
 extern "C" int MinMax(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
@@ -188,6 +224,35 @@ extern "C" int MinMax(int nparam, void **params, int *ndims, int64_t **shapes, c
   }
   out[0] = low;
   out[1] = high;
+  return 0;
+}
+
+extern "C" int ObserveRange(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  if (nparam != 4 || !float32_inputs(nparam, dtypes) || element_count(ndims[0], shapes[0]) != 2 ||
+      element_count(ndims[1], shapes[1]) != 4 || element_count(ndims[2], shapes[2]) != 3 ||
+      element_count(ndims[3], shapes[3]) != 5) {
+    return 1;
+  }
+  const float *batch = static_cast<const float *>(params[0]);
+  const float *state = static_cast<const float *>(params[1]);
+  const float *settings = static_cast<const float *>(params[2]);
+  float *out = static_cast<float *>(params[3]);
+  const float count = state[2], on = state[3], ema_decay = settings[0], qmin = settings[1], qmax = settings[2];
+  // MovingAverageMinMaxObserver.observe_range: a plain mean of the first batches, then the moving average.
+  const float ratio = count / (count + 1.0f);
+  const float keep = ratio < ema_decay ? ratio : ema_decay;
+  for (int i = 0; i < 2; ++i) {
+    const float moved = keep * state[i] + (1.0f - keep) * batch[i];
+    out[i] = on * moved + (1.0f - on) * state[i];
+  }
+  out[2] = count + on;
+  // asymmetric_qparams: the range widened to hold 0, its scale, the zero point rounded half to even.
+  const float low = out[0] < 0.0f ? out[0] : 0.0f, high = out[1] > 0.0f ? out[1] : 0.0f;
+  const float width = (high - low) / (qmax - qmin);
+  const float scale = width > kScaleEps ? width : kScaleEps;
+  out[3] = scale;
+  out[4] = clamp(std::rint(qmin - low / scale), qmin, qmax);
   return 0;
 }
 

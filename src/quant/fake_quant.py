@@ -7,7 +7,7 @@ CPU, GPU and Ascend alike (the fused FakeQuantPerLayer primitives have no CPU ke
 import numpy as np
 from mindspore import nn, ops, Tensor
 
-from src.kernels import activation_bounds, affine_act_fake_quant_op, cpu_kernel_library, fake_quant_per_tensor_ops
+from src.kernels import activation_bounds, affine_act_fake_quant_op, cpu_kernel_library, fake_quant_ops
 
 
 def quant_range(num_bits, signed, narrow_range=False):
@@ -37,17 +37,19 @@ class FakeQuantize(nn.Cell):
     The gradient is straight-through inside the clamped range and zero outside it; scale and zero point get
     none (they come from min/max observers, not from learning). A custom bprop keeps only x for backward.
 
-    `per_tensor` (scalar scale and zero point) lets the CPU use the one-pass kernels of src/kernels, which give
-    the same bits as the ops below; `affine_act` is the one-pass output of a quantized layer there.
+    `channel_axis` None (scalar scale and zero point: activations) or 0 (one per index of the first axis: weights)
+    lets the CPU use the one-pass kernels of src/kernels, which give the same bits as the ops below; other axes
+    run as ops. `affine_act` is the one-pass output of a quantized layer (per tensor).
     """
 
-    def __init__(self, qmin, qmax, per_tensor=False):
+    def __init__(self, qmin, qmax, channel_axis=None):
         super().__init__()
         self.qmin = float(qmin)
         self.qmax = float(qmax)
-        library = cpu_kernel_library() if per_tensor else None
-        self.kernels = fake_quant_per_tensor_ops(library) if library else None
-        self.affine_act_kernel = affine_act_fake_quant_op(library) if library else None
+        library = cpu_kernel_library() if channel_axis in (None, 0) else None
+        self.kernels = fake_quant_ops(library) if library else None
+        per_tensor = library and channel_axis is None
+        self.affine_act_kernel = affine_act_fake_quant_op(library) if per_tensor else None
         self.qrange = Tensor(np.array([qmin, qmax], np.float32))
         self.relu6_range, self.no_act_range = Tensor(activation_bounds(True)), Tensor(activation_bounds(False))
 
@@ -60,7 +62,7 @@ class FakeQuantize(nn.Cell):
 
     def construct(self, x, scale, zero_point, enabled):
         if self.kernels is not None:
-            return self.kernels[0](x, scale.reshape(1), zero_point.reshape(1), self._settings(enabled))
+            return self.kernels[0](x, scale.reshape(-1), zero_point.reshape(-1), self._settings(enabled))
         q = self.quantize(x, scale, zero_point)
         return (q - zero_point) * scale * enabled + x * (1.0 - enabled)
 
@@ -71,7 +73,7 @@ class FakeQuantize(nn.Cell):
     def bprop(self, x, scale, zero_point, enabled, out, dout):
         no_grads = ops.zeros_like(scale), ops.zeros_like(zero_point), ops.zeros_like(enabled)
         if self.kernels is not None:
-            return (self.kernels[1](dout, x, scale.reshape(1), zero_point.reshape(1), self._settings(enabled)),) \
+            return (self.kernels[1](dout, x, scale.reshape(-1), zero_point.reshape(-1), self._settings(enabled)),) \
                 + no_grads
         # In range exactly where the forward clamp left the rounded value alone; everywhere when disabled.
         q = ops.round(x / scale) + zero_point

@@ -7,7 +7,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from src.kernels import cpu_kernel_library, min_max_op
+from src.kernels import cpu_kernel_library, min_max_op, observe_range_op
 
 # The smallest scale allowed: a constant (e.g. all-zero) tensor must not divide by zero.
 SCALE_EPS = float(np.finfo(np.float32).eps)
@@ -65,29 +65,41 @@ class MovingAverageMinMaxObserver(Observer):
         self.batches_seen = Parameter(Tensor(0.0, ms.float32), name="batches_seen", requires_grad=False)
         self.all_gather = ops.AllGather(group=sync_group) if sync_group else None
         library = cpu_kernel_library()
-        self.min_max = min_max_op(library) if library else None  # one pass instead of two reductions
+        # One pass instead of two reductions; one operator instead of about forty small ones in the update (the
+        # QAT graph's thousands of small nodes cost compile time and step time, measured).
+        self.min_max = min_max_op(library) if library else None
+        self.range_kernel = observe_range_op(library) if library else None
+        self.range_settings = Tensor(np.array([ema_decay, qmin, qmax], np.float32))
 
     def use_mindspore_ops(self):
-        self.min_max = None
+        self.min_max = self.range_kernel = None
 
     def construct(self, x):
-        if self.training:
-            # The range is not learned; x itself passes through untouched, gradient included.
-            observed = ops.stop_gradient(x)
-            if self.min_max is not None:
-                self.observe_range(self.min_max(observed))
-            else:
-                self.observe_range(ops.stack([ops.reduce_min(observed), ops.reduce_max(observed)]))
-        return x
+        """(scale, zero_point) of the range, moved first by x's [min, max] in training."""
+        if not self.training:
+            return self.qparams()
+        # The range is not learned; x itself takes no part in it, and its gradient is not touched.
+        observed = ops.stop_gradient(x)
+        if self.min_max is not None:
+            return self.observe_range(self.min_max(observed))
+        return self.observe_range(ops.stack([ops.reduce_min(observed), ops.reduce_max(observed)]))
 
     def observe_range(self, batch):
-        """Moves the range by one batch's [min, max] (float32 [2]), when enabled. For callers that know a tensor's
-        range without a pass over it (a quantized layer's output: see QuantConvBNAct)."""
+        """Moves the range by one batch's [min, max] (float32 [2]), when enabled, and returns the new range's
+        (scale, zero_point). For callers that know a tensor's range without a pass over it (a quantized layer's
+        output: see QuantConvBNAct)."""
         batch = ops.stop_gradient(batch)
         if self.all_gather is not None:
             # CPU collectives only sum; gathering [min, max] from every rank then reducing works everywhere.
             gathered = self.all_gather(batch.reshape(1, 2))
             batch = ops.stack([ops.reduce_min(gathered[:, 0]), ops.reduce_max(gathered[:, 1])])
+        if self.range_kernel is not None:
+            state = ops.stack([self.min_val, self.max_val, self.batches_seen, self.enabled])
+            new = self.range_kernel(batch, state, self.range_settings)
+            ops.assign(self.min_val, new[0])
+            ops.assign(self.max_val, new[1])
+            ops.assign(self.batches_seen, new[2])
+            return new[3], new[4]
         # Arithmetic blends instead of branches: the flags are tensors and the graph stays branch-free.
         count = self.batches_seen
         keep = ops.minimum(count / (count + 1.0), self.ema_decay)
@@ -97,6 +109,7 @@ class MovingAverageMinMaxObserver(Observer):
         ops.assign(self.min_val, on * new_min + (1.0 - on) * self.min_val)
         ops.assign(self.max_val, on * new_max + (1.0 - on) * self.max_val)
         ops.assign(self.batches_seen, count + on)
+        return self.qparams()
 
     def qparams(self):
         return asymmetric_qparams(self.min_val, self.max_val, self.qmin, self.qmax)
@@ -122,10 +135,11 @@ class PerChannelAbsMaxObserver(Observer):
                                  requires_grad=False)
 
     def construct(self, w):
+        """(scale, zero_point) per channel of the range, set first by w's own while enabled."""
         current = ops.amax(ops.abs(ops.stop_gradient(w)), self.reduce_axes, keepdims=True)
         on = self.enabled
         ops.assign(self.max_abs, on * current + (1.0 - on) * self.max_abs)
-        return w
+        return self.qparams()
 
     def qparams(self):
         return symmetric_qparams(self.max_abs, self.qmax)

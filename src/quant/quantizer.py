@@ -25,25 +25,24 @@ class QuantConfig:
 
 class Quantizer(nn.Cell):
     """Observes x, then fake-quantizes it with the observed range while `quant_enabled` is 1. The integer range
-    [qmin, qmax] is decided here and handed to the observer (`make_observer(qmin, qmax)`) and the fake-quantizer."""
+    [qmin, qmax] is decided here and handed to the observer (`make_observer(qmin, qmax)`) and the fake-quantizer;
+    `channel_axis` is the axis of the observer's per-channel ranges (None: one range for the tensor)."""
 
-    def __init__(self, qmin, qmax, make_observer, per_tensor):
+    def __init__(self, qmin, qmax, make_observer, channel_axis=None):
         super().__init__()
         self.qmin, self.qmax = qmin, qmax
         self.observer = make_observer(qmin, qmax)
-        self.fake_quant = FakeQuantize(qmin, qmax, per_tensor)
+        self.fake_quant = FakeQuantize(qmin, qmax, channel_axis)
         self.quant_enabled = switch_parameter("quant_enabled", 1.0)
 
     def construct(self, x):
-        x = self.observer(x)
-        scale, zero_point = self.observer.qparams()
+        scale, zero_point = self.observer(x)
         return self.fake_quant(x, scale, zero_point, self.quant_enabled)
 
     def codes(self, x):
         """x as integer codes in [qmin, qmax] (held in float32) and their scale: a weight as the deployed model
         stores it (the observer takes x's own range, unless it is frozen)."""
-        x = self.observer(x)
-        scale, zero_point = self.observer.qparams()
+        scale, zero_point = self.observer(x)
         return self.fake_quant.quantize(x, scale, zero_point), scale
 
     def affine_act(self, y, a, b, activation, channel_extremes):
@@ -52,8 +51,9 @@ class Quantizer(nn.Cell):
         act(a * y + b) from y's per-channel [min; max] (`channel_extremes`, [2, C]; None in inference) instead
         of a pass over it."""
         if self.training:
-            self.observer.observe_range(affine_act_range(channel_extremes, a, b, activation))
-        scale, zero_point = self.observer.qparams()
+            scale, zero_point = self.observer.observe_range(affine_act_range(channel_extremes, a, b, activation))
+        else:
+            scale, zero_point = self.observer.qparams()
         if self.fake_quant.affine_act_kernel is not None:
             return self.fake_quant.affine_act(y, a, b, activation, scale, zero_point, self.quant_enabled)
         return self.fake_quant(channel_affine_act(y, a, b, activation), scale, zero_point, self.quant_enabled)
@@ -72,10 +72,10 @@ def affine_act_range(channel_extremes, a, b, activation):
 def activation_quantizer(config):
     qmin, qmax = quant_range(config.act_bits, signed=False)
     return Quantizer(qmin, qmax, lambda low, high: MovingAverageMinMaxObserver(low, high, config.ema_decay,
-                                                                               config.sync_group), per_tensor=True)
+                                                                               config.sync_group))
 
 
 def weight_quantizer(config, shape, channel_axis=0):
     qmin, qmax = quant_range(config.weight_bits, signed=True, narrow_range=True)
     return Quantizer(qmin, qmax, lambda low, high: PerChannelAbsMaxObserver(low, high, shape, channel_axis),
-                     per_tensor=False)
+                     channel_axis % len(shape))
