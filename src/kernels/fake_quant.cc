@@ -14,7 +14,7 @@
 //   ObserveRange           (batch[2] = {min, max}, state[4] = {min, max, batches_seen, enabled},
 //                          settings[3] = {ema_decay, qmin, qmax}) -> [5]: the moving-average observer's new min,
 //                          max and batches_seen, then the new range's scale and zero point (src/quant/observers.py:
-//                          about forty small ops there, each a graph node that holds memory, measured)
+//                          about forty small ops there; thousands of small graph nodes cost compile and step time)
 //
 // A quantized Conv+BN layer's output, from y = conv(x, folded quantized weights), NCHW:
 //   ChannelStats           (y)                               -> [4, C]: mean, biased variance, min, max per channel
@@ -67,13 +67,18 @@ bool same_shape(int *ndims, int64_t **shapes, int a, int b) {
   return true;
 }
 
-// Checks that params[x] and params[out] have the same element count, scale and zero point one each, and
-// `settings` values after them.
-bool per_tensor(int *ndims, int64_t **shapes, int x, int scale, int out, int64_t settings = 3) {
-  const int64_t count = element_count(ndims[x], shapes[x]);
-  return element_count(ndims[out], shapes[out]) == count && element_count(ndims[scale], shapes[scale]) == 1 &&
-         element_count(ndims[scale + 1], shapes[scale + 1]) == 1 &&
+// Checks that params[x] and params[out] have the same element count, scale and zero point as many values as each
+// other (one per tensor, or one per channel), and `settings` values after them.
+bool fake_quant_shapes(int *ndims, int64_t **shapes, int x, int scale, int out, int64_t settings = 3) {
+  const int64_t channels = element_count(ndims[scale], shapes[scale]);
+  return element_count(ndims[out], shapes[out]) == element_count(ndims[x], shapes[x]) &&
+         element_count(ndims[scale + 1], shapes[scale + 1]) == channels &&
          element_count(ndims[scale + 2], shapes[scale + 2]) == settings;
+}
+
+// fake_quant_shapes with one scale and one zero point.
+bool per_tensor(int *ndims, int64_t **shapes, int x, int scale, int out, int64_t settings) {
+  return element_count(ndims[scale], shapes[scale]) == 1 && fake_quant_shapes(ndims, shapes, x, scale, out, settings);
 }
 
 struct QParams {
@@ -164,13 +169,6 @@ int for_each_range(int *ndims, int64_t **shapes, void **params, int x, int scale
     f(qp, c * inner, (c + 1) * inner, false);
   }
   return 0;
-}
-
-bool fake_quant_shapes(int *ndims, int64_t **shapes, int x, int scale, int out) {
-  const int64_t channels = element_count(ndims[scale], shapes[scale]);
-  return element_count(ndims[out], shapes[out]) == element_count(ndims[x], shapes[x]) &&
-         element_count(ndims[scale + 1], shapes[scale + 1]) == channels &&
-         element_count(ndims[scale + 2], shapes[scale + 2]) == 3;
 }
 
 }  // namespace

@@ -48,8 +48,7 @@ class FakeQuantize(nn.Cell):
         self.qmax = float(qmax)
         library = cpu_kernel_library() if channel_axis in (None, 0) else None
         self.kernels = fake_quant_ops(library) if library else None
-        per_tensor = library and channel_axis is None
-        self.affine_act_kernel = affine_act_fake_quant_op(library) if per_tensor else None
+        self.affine_act_kernel = affine_act_fake_quant_op(library) if library and channel_axis is None else None
         self.qrange = Tensor(np.array([qmin, qmax], np.float32))
         self.relu6_range, self.no_act_range = Tensor(activation_bounds(True)), Tensor(activation_bounds(False))
 
