@@ -292,3 +292,28 @@ def test_sensitivity_report_measures_each_tensor_alone(demo_data, qat_run, tmp_p
     # tensors can partly cancel, and on this network (at about chance) the worst single tensor measured 15.17 dB
     # against 15.46 for all of them.
     assert everything["sqnr_db"] < np.median([row["sqnr_db"] for row in rows])
+
+
+def test_a_step_whose_gradients_overflow_is_skipped():
+    """The loss-scaled step's overflow check: an inf or a NaN in one element of one gradient skips the update of
+    every Parameter; finite gradients are applied."""
+    class SumOfDense(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Dense(3, 1)
+
+        def construct(self, x):
+            return self.dense(x).sum()
+
+    net = SumOfDense()
+    cell = trainer.TrainOneStepWithLossScale(net, nn.SGD(net.trainable_params(), 0.1),
+                                             nn.FixedLossScaleUpdateCell(1024.0))
+    start = [p.asnumpy().copy() for p in net.trainable_params()]
+    for bad in (np.inf, np.nan):  # the weight's gradient is x; the bias's stays finite
+        _, overflow, _ = cell(Tensor(np.array([[1.0, bad, 1.0]], np.float32)))
+        assert overflow
+        for param, value in zip(net.trainable_params(), start):
+            np.testing.assert_array_equal(param.asnumpy(), value, err_msg=param.name)
+    _, overflow, _ = cell(Tensor(np.array([[1.0, 2.0, 3.0]], np.float32)))
+    assert not overflow
+    assert all(not np.array_equal(p.asnumpy(), value) for p, value in zip(net.trainable_params(), start))
