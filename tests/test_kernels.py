@@ -51,7 +51,9 @@ class _Grads(nn.Cell):
     (6, 4, 9, 3, 2, 2),     # grouped, two channels per group
     (4, 8, 7, 3, 1, 4),     # depthwise with channel multiplier 2
     (5, 5, 11, 5, 1, 5),    # 5x5
-], ids=["stem", "depthwise", "depthwise-s2", "grouped", "multiplier", "5x5"])
+    (4, 4, 12, 5, 2, 4),    # 5x5, stride 2: taps reach two rows before the first
+    (4, 4, 11, 3, 3, 4),    # stride 3
+], ids=["stem", "depthwise", "depthwise-s2", "grouped", "multiplier", "5x5", "5x5-s2", "stride-3"])
 def test_direct_convolution_matches_conv2d(library, in_channels, out_channels, size, kernel, stride, groups):
     rng = np.random.default_rng(0)
     padding = (kernel - 1) // 2
