@@ -53,7 +53,10 @@ class _Grads(nn.Cell):
     (5, 5, 11, 5, 1, 5),    # 5x5
     (4, 4, 12, 5, 2, 4),    # 5x5, stride 2: taps reach two rows before the first
     (4, 4, 11, 3, 3, 4),    # stride 3
-], ids=["stem", "depthwise", "depthwise-s2", "grouped", "multiplier", "5x5", "5x5-s2", "stride-3"])
+    (4, 4, 2, 3, 2, 4),     # a 2x2 plane, stride 2 (the tests' small networks end in such planes)
+    (4, 4, 1, 3, 1, 4),     # a 1x1 plane: every tap but the centre reads padding
+], ids=["stem", "depthwise", "depthwise-s2", "grouped", "multiplier", "5x5", "5x5-s2", "stride-3", "plane-2x2",
+        "plane-1x1"])
 def test_direct_convolution_matches_conv2d(library, in_channels, out_channels, size, kernel, stride, groups):
     rng = np.random.default_rng(0)
     padding = (kernel - 1) // 2

@@ -3,12 +3,16 @@
 //
 // Why: MindSpore's CPU Conv2D hands oneDNN plain NCHW tensors, and for kernels larger than 1x1 (MobileNetV2's
 // depthwise convolutions and its first convolution) oneDNN then falls back to its reference implementation,
-// which took 90% of a training step (measured). Here every output plane is accumulated tap by tap with
-// contiguous inner loops the compiler vectorizes; planes are independent, so OpenMP splits them without locks.
-// With stride s > 1 the input plane is first split into its s x s phases (phase (a, b) holds the pixels
-// (a + s * h, b + s * w)), so that every tap reads (or, for the input's gradient, writes) a contiguous row of one
-// phase instead of every s-th element of a row, which the compiler cannot vectorize: a strided row took the
-// stem (3 input channels, stride 2) and the stride-2 depthwise layers several times a stride-1 layer's time.
+// which took 90% of a training step (measured). Here every output plane is accumulated tap by tap, each tap one
+// contiguous loop over the whole plane that the compiler vectorizes; planes are independent, so OpenMP splits
+// them without locks.
+//
+// One loop per tap, in "wide" layout: an input plane is copied zero-padded and split into its stride x stride
+// phases (phase (a, b) holds the padded plane's pixels (a + stride * h, b + stride * w)), and an output plane is
+// kept as rows of a phase's width, the columns past the output's width being padding. Tap (i, j) then reads
+// output position k from phase (i % stride, j % stride) at k + (i / stride) * phase_w + j / stride, for every k of
+// the plane at once: no bounds per row, no strided access. Rows only as long as the plane's width ran scalar on
+// the 14x14 and 7x7 layers, and strided rows (the stem, stride-2 layers) several times slower (measured).
 //
 // Calling convention (MindSpore aot): params holds the inputs, then the output. Every function takes a last
 // input `geometry`, int32 [stride, padding], the same for both spatial axes.
@@ -16,6 +20,9 @@
 //   DirectConvInputGrad  (dy, weight, x, geometry)      -> dx   (x gives the input shape only)
 //   DirectConvWeightGrad (dy, x, weight, geometry)      -> dweight (weight gives the shape only)
 // The number of groups is C_in / weight.shape[1]. Returns nonzero on any shape or type it does not handle.
+// No unroll-and-jam: GCC jammed two taps' loops into one that ran scalar, at a third of the vector loop's speed
+// (measured). Set before the includes, for every function of the file.
+#pragma GCC optimize("no-loop-unroll-and-jam")
 #include <omp.h>
 
 #include <cstdint>
@@ -32,55 +39,84 @@ struct Shape {
 struct Conv {
   Shape x, y;
   int64_t kh, kw, cin_per_group, cout_per_group, stride, pad;
-  // An input plane in phase layout: stride * stride phases of phase_h x phase_w, each phase_size values (with
-  // stride 1, the plane itself).
-  int64_t phase_h, phase_w, phase_size, phased_plane;
+  // Wide layout: an input plane is stride * stride phases of phase_h x phase_w (phase_size values each), plus one
+  // row that the last taps' reads past the last phase run into; an output plane is y.h rows of phase_w.
+  int64_t phase_h, phase_w, phase_size, wide_in, wide_out;
 
-  void set_phases() {
-    phase_h = (x.h + stride - 1) / stride;
-    phase_w = (x.w + stride - 1) / stride;
+  void set_layout() {
+    phase_h = (x.h + 2 * pad + stride - 1) / stride;
+    phase_w = (x.w + 2 * pad + stride - 1) / stride;
     phase_size = phase_h * phase_w;
-    phased_plane = stride * stride * phase_size;
+    wide_in = stride * stride * phase_size + phase_w;
+    wide_out = y.h * phase_w;
   }
 
-  // Where input position (h, w) = (o * stride + offset, ...) lies in phase layout: offset = a + stride * d with
-  // a in [0, stride) picks the phase, d shifts the position inside it.
-  void phase_of(int64_t offset, int64_t *a, int64_t *d) const {
-    *a = ((offset % stride) + stride) % stride;
-    *d = (offset - *a) / stride;
+  // Where tap (i, j) reads an output position's input in a wide input plane, relative to that position.
+  int64_t tap_offset(int64_t i, int64_t j) const {
+    return ((i % stride) * stride + j % stride) * phase_size + (i / stride) * phase_w + j / stride;
   }
 
-  // An input plane into phase layout, and back (every input position lies in exactly one phase).
-  void split_phases(const float *plane, float *phased) const {
-    for (int64_t a = 0; a < stride; ++a) {
-      for (int64_t b = 0; b < stride; ++b) {
-        float *phase = phased + (a * stride + b) * phase_size;
-        for (int64_t h = a, ph = 0; h < x.h; h += stride, ++ph) {
-          for (int64_t w = b, pw = 0; w < x.w; w += stride, ++pw) phase[ph * phase_w + pw] = plane[h * x.w + w];
-        }
-      }
-    }
-  }
-
-  void merge_phases(const float *phased, float *plane) const {
-    for (int64_t a = 0; a < stride; ++a) {
-      for (int64_t b = 0; b < stride; ++b) {
-        const float *phase = phased + (a * stride + b) * phase_size;
-        for (int64_t h = a, ph = 0; h < x.h; h += stride, ++ph) {
-          for (int64_t w = b, pw = 0; w < x.w; w += stride, ++pw) plane[h * x.w + w] = phase[ph * phase_w + pw];
-        }
-      }
-    }
-  }
-
-  // Output positions [lo, hi) whose input position o * stride - pad + tap lies inside [0, size).
-  void valid(int64_t tap, int64_t size, int64_t out_size, int64_t *lo, int64_t *hi) const {
-    int64_t first = pad - tap;  // o * stride >= pad - tap
+  // The padded input rows (or columns) that phase a holds are a + stride * p; of them, p in [*lo, *hi) lie
+  // inside the input (between pad and size - 1 + pad).
+  void inside(int64_t a, int64_t size, int64_t *lo, int64_t *hi) const {
+    const int64_t first = pad - a;  // a + stride * p >= pad
     *lo = first <= 0 ? 0 : (first + stride - 1) / stride;
-    int64_t last = size - 1 + pad - tap;  // o * stride <= size - 1 + pad - tap
+    const int64_t last = size - 1 + pad - a;  // a + stride * p <= size - 1 + pad
     *hi = last < 0 ? 0 : last / stride + 1;
-    if (*hi > out_size) *hi = out_size;
     if (*lo > *hi) *lo = *hi;
+  }
+
+  // Calls f(input_index, wide_index, count) for every run of input positions of a plane that lie in one row of
+  // one phase: input positions input_index + stride * q, wide positions wide_index + q, for q in [0, count).
+  // Every input position lies in exactly one phase.
+  template <typename F>
+  void for_each_input_run(F f) const {
+    for (int64_t a = 0; a < stride; ++a) {
+      int64_t row_lo, row_hi;
+      inside(a, x.h, &row_lo, &row_hi);
+      for (int64_t b = 0; b < stride; ++b) {
+        int64_t col_lo, col_hi;
+        inside(b, x.w, &col_lo, &col_hi);
+        const int64_t phase = (a * stride + b) * phase_size;
+        for (int64_t p = row_lo; p < row_hi; ++p) {
+          f((a + stride * p - pad) * x.w + b - pad + stride * col_lo, phase + p * phase_w + col_lo, col_hi - col_lo);
+        }
+      }
+    }
+  }
+
+  // An input plane into wide layout (padding zero), and a wide gradient back into an input plane.
+  void widen_input(const float *plane, float *wide) const {
+    std::memset(wide, 0, sizeof(float) * wide_in);
+    for_each_input_run([&](int64_t in, int64_t w, int64_t count) {
+      if (stride == 1) {
+        std::memcpy(wide + w, plane + in, sizeof(float) * count);
+      } else {
+        for (int64_t q = 0; q < count; ++q) wide[w + q] = plane[in + stride * q];
+      }
+    });
+  }
+
+  void narrow_input(const float *wide, float *plane) const {
+    for_each_input_run([&](int64_t in, int64_t w, int64_t count) {
+      if (stride == 1) {
+        std::memcpy(plane + in, wide + w, sizeof(float) * count);
+      } else {
+        for (int64_t q = 0; q < count; ++q) plane[in + stride * q] = wide[w + q];
+      }
+    });
+  }
+
+  // An output plane into wide layout (the padding columns zero, so that they add nothing to gradients), and back.
+  void widen_output(const float *plane, float *wide) const {
+    for (int64_t h = 0; h < y.h; ++h) {
+      std::memcpy(wide + h * phase_w, plane + h * y.w, sizeof(float) * y.w);
+      std::memset(wide + h * phase_w + y.w, 0, sizeof(float) * (phase_w - y.w));
+    }
+  }
+
+  void narrow_output(const float *wide, float *plane) const {
+    for (int64_t h = 0; h < y.h; ++h) std::memcpy(plane + h * y.w, wide + h * phase_w, sizeof(float) * y.w);
   }
 };
 
@@ -115,7 +151,7 @@ bool describe(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   int64_t groups = conv->x.c / conv->cin_per_group;
   if (shapes[wi][0] != conv->y.c || conv->y.c % groups != 0 || conv->x.n != conv->y.n) return false;
   conv->cout_per_group = conv->y.c / groups;
-  conv->set_phases();
+  conv->set_layout();
   return conv->y.h == (conv->x.h + 2 * conv->pad - conv->kh) / conv->stride + 1 &&
          conv->y.w == (conv->x.w + 2 * conv->pad - conv->kw) / conv->stride + 1;
 }
@@ -128,28 +164,30 @@ bool same_shape(int *ndims, int64_t **shapes, int a, int b) {
   return true;
 }
 
-// Walks every tap (i, j) of the kernel and every output row it touches, calling
-// row(tap, x_offset, y_offset, ow_lo, ow_hi): input position (oh * stride - pad + i, ow * stride - pad + j) is
-// x_offset + ow within an input plane in phase layout, output position (oh, ow) is y_offset + ow within an output
-// plane, for ow in [ow_lo, ow_hi). The three kernels differ only in what they do with each row. Forced inline:
-// GCC left it out of line inside the OpenMP regions, which cost 7-10% (measured).
-template <typename Row>
-inline __attribute__((always_inline)) void for_each_tap_row(const Conv &c, Row row) {
-  for (int64_t i = 0; i < c.kh; ++i) {
-    int64_t oh_lo, oh_hi, a, dh;
-    c.valid(i, c.x.h, c.y.h, &oh_lo, &oh_hi);
-    c.phase_of(i - c.pad, &a, &dh);
-    for (int64_t j = 0; j < c.kw; ++j) {
-      int64_t ow_lo, ow_hi, b, dw;
-      c.valid(j, c.x.w, c.y.w, &ow_lo, &ow_hi);
-      c.phase_of(j - c.pad, &b, &dw);
-      const int64_t phase = (a * c.stride + b) * c.phase_size + dw;
-      for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-        row(i * c.kw + j, phase + (oh + dh) * c.phase_w, oh * c.y.w, ow_lo, ow_hi);
+// The wide input planes of one (image, group), made once for every output plane or filter that reads them (the
+// stem's 3 input planes serve its 32 output channels).
+class WideInputs {
+ public:
+  WideInputs(const Conv &c, const float *x) : c_(c), x_(x), planes_(c.cin_per_group * c.wide_in) {}
+
+  // Input channel `ci` of group `group` of image `n`, in wide layout.
+  const float *get(int64_t n, int64_t group, int64_t ci) {
+    const int64_t key = n * c_.x.c + group * c_.cin_per_group;
+    if (key != held_) {
+      for (int64_t k = 0; k < c_.cin_per_group; ++k) {
+        c_.widen_input(x_ + (key + k) * c_.x.h * c_.x.w, planes_.data() + k * c_.wide_in);
       }
+      held_ = key;
     }
+    return planes_.data() + ci * c_.wide_in;
   }
-}
+
+ private:
+  const Conv &c_;
+  const float *x_;
+  std::vector<float> planes_;
+  int64_t held_ = -1;
+};
 
 }  // namespace
 
@@ -160,36 +198,26 @@ extern "C" int DirectConv(int nparam, void **params, int *ndims, int64_t **shape
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[3]);
-  const int64_t planes = c.y.n * c.y.c, x_plane = c.x.h * c.x.w, y_plane = c.y.h * c.y.w;
-  const int64_t groups = c.x.c / c.cin_per_group;
+  const int64_t planes = c.y.n * c.y.c, y_plane = c.y.h * c.y.w;
 #pragma omp parallel
   {
-    // The phases of one group's input planes, split once for all its output planes (the stem's 3 input planes
-    // serve 32 of them).
-    std::vector<float> phased(c.stride > 1 ? c.cin_per_group * c.phased_plane : 0);
-    int64_t held = -1;  // the (image, group) whose planes `phased` holds
+    WideInputs inputs(c, x);
+    std::vector<float> wide_out(c.wide_out);
+    float *out = wide_out.data();
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < planes; ++p) {
       const int64_t n = p / c.y.c, co = p % c.y.c, group = co / c.cout_per_group;
-      const float *group_in = x + (n * c.x.c + group * c.cin_per_group) * x_plane;
-      if (c.stride > 1 && held != n * groups + group) {
-        for (int64_t ci = 0; ci < c.cin_per_group; ++ci) {
-          c.split_phases(group_in + ci * x_plane, phased.data() + ci * c.phased_plane);
-        }
-        held = n * groups + group;
-      }
-      const float *source = c.stride > 1 ? phased.data() : group_in;
-      float *out = y + p * y_plane;
-      std::memset(out, 0, sizeof(float) * y_plane);
+      std::memset(out, 0, sizeof(float) * c.wide_out);
       for (int64_t ci = 0; ci < c.cin_per_group; ++ci) {
-        const float *in = source + ci * c.phased_plane;
-        const float *taps = w + (co * c.cin_per_group + ci) * c.kh * c.kw;
-        for_each_tap_row(c, [&](int64_t tap, int64_t x_offset, int64_t y_offset, int64_t ow_lo, int64_t ow_hi) {
-          const float weight = taps[tap], *in_row = in + x_offset;
-          float *out_row = out + y_offset;
-          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) out_row[ow] += weight * in_row[ow];
-        });
+        const float *in = inputs.get(n, group, ci), *taps = w + (co * c.cin_per_group + ci) * c.kh * c.kw;
+        for (int64_t i = 0; i < c.kh; ++i) {
+          for (int64_t j = 0; j < c.kw; ++j) {
+            const float weight = taps[i * c.kw + j], *source = in + c.tap_offset(i, j);
+            for (int64_t k = 0; k < c.wide_out; ++k) out[k] += weight * source[k];
+          }
+        }
       }
+      c.narrow_output(out, y + p * y_plane);
     }
   }
   return 0;
@@ -206,24 +234,26 @@ extern "C" int DirectConvInputGrad(int nparam, void **params, int *ndims, int64_
   const int64_t planes = c.x.n * c.x.c, x_plane = c.x.h * c.x.w, y_plane = c.y.h * c.y.w;
 #pragma omp parallel
   {
-    std::vector<float> phased(c.stride > 1 ? c.phased_plane : 0);  // the plane's gradient in phase layout
+    std::vector<float> wide_grad(c.wide_in), wide_dout(c.wide_out);
+    float *grad = wide_grad.data(), *dout = wide_dout.data();
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < planes; ++p) {
       const int64_t n = p / c.x.c, cin = p % c.x.c;
       const int64_t group = cin / c.cin_per_group, ci = cin % c.cin_per_group;
-      float *grad = c.stride > 1 ? phased.data() : dx + p * x_plane;
-      std::memset(grad, 0, sizeof(float) * c.phased_plane);
+      std::memset(grad, 0, sizeof(float) * c.wide_in);
       for (int64_t k = 0; k < c.cout_per_group; ++k) {
         const int64_t co = group * c.cout_per_group + k;
-        const float *dout = dy + (n * c.y.c + co) * y_plane;
+        c.widen_output(dy + (n * c.y.c + co) * y_plane, dout);
         const float *taps = w + (co * c.cin_per_group + ci) * c.kh * c.kw;
-        for_each_tap_row(c, [&](int64_t tap, int64_t x_offset, int64_t y_offset, int64_t ow_lo, int64_t ow_hi) {
-          const float weight = taps[tap], *dout_row = dout + y_offset;
-          float *grad_row = grad + x_offset;
-          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) grad_row[ow] += weight * dout_row[ow];
-        });
+        for (int64_t i = 0; i < c.kh; ++i) {
+          for (int64_t j = 0; j < c.kw; ++j) {
+            const float weight = taps[i * c.kw + j];
+            float *target = grad + c.tap_offset(i, j);
+            for (int64_t q = 0; q < c.wide_out; ++q) target[q] += weight * dout[q];
+          }
+        }
       }
-      if (c.stride > 1) c.merge_phases(grad, dx + p * x_plane);
+      c.narrow_input(grad, dx + p * x_plane);
     }
   }
   return 0;
@@ -237,48 +267,42 @@ extern "C" int DirectConvWeightGrad(int nparam, void **params, int *ndims, int64
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
   float *dw = static_cast<float *>(params[4]);
-  const int64_t x_plane = c.x.h * c.x.w, y_plane = c.y.h * c.y.w;
+  const int64_t y_plane = c.y.h * c.y.w;
   const int64_t filters = c.y.c * c.cin_per_group;
   const int64_t taps = c.kh * c.kw;
 #pragma omp parallel
   {
-    // Each thread owns a contiguous range of filters and walks the images outermost, so that one split of a
-    // group's input planes serves all of the range's filters on them, and each image's planes stay in cache for
-    // all taps. One row of partial sums per filter and tap, added to column by column (vector adds, no
-    // horizontal sum per row).
+    // Each thread owns a contiguous range of filters and walks the images outermost, so that one widening of an
+    // (image, group)'s planes serves all of the range's filters on them. Each tap's products over a plane are
+    // summed in float (the padding columns of `dout` are zero and add nothing), the planes' sums in double.
     const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
     const int64_t lo = filters * thread / threads, hi = filters * (thread + 1) / threads;
-    std::vector<float> partial((hi - lo) * taps * c.y.w, 0.0f);
-    std::vector<float> phased(c.stride > 1 ? c.cin_per_group * c.phased_plane : 0);
+    std::vector<double> totals((hi - lo) * taps, 0.0);
+    std::vector<float> wide_dout(c.wide_out);
+    float *dout = wide_dout.data();
+    WideInputs inputs(c, x);
     for (int64_t n = 0; n < c.x.n; ++n) {
-      int64_t held = -1;  // the group whose planes of image n `phased` holds
+      int64_t widened = -1;  // the output channel whose gradient `dout` holds
       for (int64_t f = lo; f < hi; ++f) {
         const int64_t co = f / c.cin_per_group, ci = f % c.cin_per_group, group = co / c.cout_per_group;
-        const float *group_in = x + (n * c.x.c + group * c.cin_per_group) * x_plane;
-        if (c.stride > 1 && held != group) {
-          for (int64_t k = 0; k < c.cin_per_group; ++k) {
-            c.split_phases(group_in + k * x_plane, phased.data() + k * c.phased_plane);
-          }
-          held = group;
+        const float *in = inputs.get(n, group, ci);
+        if (co != widened) {
+          c.widen_output(dy + (n * c.y.c + co) * y_plane, dout);
+          widened = co;
         }
-        const float *in = (c.stride > 1 ? phased.data() : group_in) + ci * c.phased_plane;
-        const float *dout = dy + (n * c.y.c + co) * y_plane;
-        float *filter_sums = partial.data() + (f - lo) * taps * c.y.w;
-        for_each_tap_row(c, [&](int64_t tap, int64_t x_offset, int64_t y_offset, int64_t ow_lo, int64_t ow_hi) {
-          const float *in_row = in + x_offset, *dout_row = dout + y_offset;
-          float *sums = filter_sums + tap * c.y.w;
-#pragma omp simd
-          for (int64_t ow = ow_lo; ow < ow_hi; ++ow) sums[ow] += dout_row[ow] * in_row[ow];
-        });
+        for (int64_t i = 0; i < c.kh; ++i) {
+          for (int64_t j = 0; j < c.kw; ++j) {
+            const float *source = in + c.tap_offset(i, j);
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t k = 0; k < c.wide_out; ++k) sum += dout[k] * source[k];
+            totals[(f - lo) * taps + i * c.kw + j] += sum;
+          }
+        }
       }
     }
     for (int64_t f = lo; f < hi; ++f) {
-      for (int64_t t = 0; t < taps; ++t) {
-        const float *sums = partial.data() + ((f - lo) * taps + t) * c.y.w;
-        double total = 0.0;  // each column summed N * H products in float; the columns are added in double
-        for (int64_t ow = 0; ow < c.y.w; ++ow) total += sums[ow];
-        dw[f * taps + t] = static_cast<float>(total);
-      }
+      for (int64_t t = 0; t < taps; ++t) dw[f * taps + t] = static_cast<float>(totals[(f - lo) * taps + t]);
     }
   }
   return 0;
