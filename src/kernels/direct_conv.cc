@@ -51,11 +51,6 @@ struct Conv {
     wide_out = y.h * phase_w;
   }
 
-  // Where tap (i, j) reads an output position's input in a wide input plane, relative to that position.
-  int64_t tap_offset(int64_t i, int64_t j) const {
-    return ((i % stride) * stride + j % stride) * phase_size + (i / stride) * phase_w + j / stride;
-  }
-
   // The padded input rows (or columns) that phase a holds are a + stride * p; of them, p in [*lo, *hi) lie
   // inside the input (between pad and size - 1 + pad).
   void inside(int64_t a, int64_t size, int64_t *lo, int64_t *hi) const {
@@ -164,6 +159,19 @@ bool same_shape(int *ndims, int64_t **shapes, int a, int b) {
   return true;
 }
 
+// Calls tap(index, offset) for every tap (i, j) of the kernel: index i * kw + j of its weight, offset where it
+// reads an output position's input in a wide input plane, relative to that position. Forced inline: GCC left such
+// walks out of line inside the OpenMP regions, which cost 7-10% (measured).
+template <typename Tap>
+inline __attribute__((always_inline)) void for_each_tap(const Conv &c, Tap tap) {
+  for (int64_t i = 0; i < c.kh; ++i) {
+    for (int64_t j = 0; j < c.kw; ++j) {
+      tap(i * c.kw + j, ((i % c.stride) * c.stride + j % c.stride) * c.phase_size + (i / c.stride) * c.phase_w +
+                            j / c.stride);
+    }
+  }
+}
+
 // The wide input planes of one (image, group), made once for every output plane or filter that reads them (the
 // stem's 3 input planes serve its 32 output channels).
 class WideInputs {
@@ -210,12 +218,10 @@ extern "C" int DirectConv(int nparam, void **params, int *ndims, int64_t **shape
       std::memset(out, 0, sizeof(float) * c.wide_out);
       for (int64_t ci = 0; ci < c.cin_per_group; ++ci) {
         const float *in = inputs.get(n, group, ci), *taps = w + (co * c.cin_per_group + ci) * c.kh * c.kw;
-        for (int64_t i = 0; i < c.kh; ++i) {
-          for (int64_t j = 0; j < c.kw; ++j) {
-            const float weight = taps[i * c.kw + j], *source = in + c.tap_offset(i, j);
-            for (int64_t k = 0; k < c.wide_out; ++k) out[k] += weight * source[k];
-          }
-        }
+        for_each_tap(c, [&](int64_t tap, int64_t offset) {
+          const float weight = taps[tap], *source = in + offset;
+          for (int64_t k = 0; k < c.wide_out; ++k) out[k] += weight * source[k];
+        });
       }
       c.narrow_output(out, y + p * y_plane);
     }
@@ -245,13 +251,11 @@ extern "C" int DirectConvInputGrad(int nparam, void **params, int *ndims, int64_
         const int64_t co = group * c.cout_per_group + k;
         c.widen_output(dy + (n * c.y.c + co) * y_plane, dout);
         const float *taps = w + (co * c.cin_per_group + ci) * c.kh * c.kw;
-        for (int64_t i = 0; i < c.kh; ++i) {
-          for (int64_t j = 0; j < c.kw; ++j) {
-            const float weight = taps[i * c.kw + j];
-            float *target = grad + c.tap_offset(i, j);
-            for (int64_t q = 0; q < c.wide_out; ++q) target[q] += weight * dout[q];
-          }
-        }
+        for_each_tap(c, [&](int64_t tap, int64_t offset) {
+          const float weight = taps[tap];
+          float *target = grad + offset;
+          for (int64_t q = 0; q < c.wide_out; ++q) target[q] += weight * dout[q];
+        });
       }
       c.narrow_input(grad, dx + p * x_plane);
     }
@@ -290,15 +294,14 @@ extern "C" int DirectConvWeightGrad(int nparam, void **params, int *ndims, int64
           c.widen_output(dy + (n * c.y.c + co) * y_plane, dout);
           widened = co;
         }
-        for (int64_t i = 0; i < c.kh; ++i) {
-          for (int64_t j = 0; j < c.kw; ++j) {
-            const float *source = in + c.tap_offset(i, j);
-            float sum = 0.0f;
+        double *filter_totals = totals.data() + (f - lo) * taps;
+        for_each_tap(c, [&](int64_t tap, int64_t offset) {
+          const float *source = in + offset;
+          float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t k = 0; k < c.wide_out; ++k) sum += dout[k] * source[k];
-            totals[(f - lo) * taps + i * c.kw + j] += sum;
-          }
-        }
+          for (int64_t k = 0; k < c.wide_out; ++k) sum += dout[k] * source[k];
+          filter_totals[tap] += sum;
+        });
       }
     }
     for (int64_t f = lo; f < hi; ++f) {
