@@ -11,10 +11,28 @@ import subprocess
 import sys
 
 
+def find_msrun():
+    """msrun beside this Python first (a virtual environment used without activating it), then on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "msrun")
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("msrun")
+    if found is None:
+        raise FileNotFoundError(f"msrun not found beside {sys.executable} nor on PATH: it comes with MindSpore "
+                                f"(pip install -r requirements.txt)")
+    return found
+
+
+def worker_environment():
+    """This process's environment with this Python's folder first on PATH: msrun starts each worker as `python`
+    from PATH, which must be the Python that has MindSpore."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    return env
+
+
 def msrun_command(script, script_args, worker_num, master_port=8118, log_dir="./log", rank_table_file=None):
-    if shutil.which("msrun") is None:
-        raise FileNotFoundError("msrun not found on PATH: it comes with MindSpore (pip install -r requirements.txt)")
-    command = ["msrun", f"--worker_num={worker_num}", f"--local_worker_num={worker_num}", "--master_addr=127.0.0.1",
+    command = [find_msrun(), f"--worker_num={worker_num}", f"--local_worker_num={worker_num}", "--master_addr=127.0.0.1",
                f"--master_port={master_port}", f"--log_dir={log_dir}", "--join=True"]
     if rank_table_file:  # Ascend: HCCL takes the devices' addresses from the rank table
         command.append(f"--rank_table_file={rank_table_file}")
@@ -39,7 +57,7 @@ def main():
     command = msrun_command(args.script, args.script_args, args.worker_num, args.master_port, args.log_dir,
                             args.rank_table_file)
     print(" ".join(command), flush=True)
-    sys.exit(subprocess.call(command))
+    sys.exit(subprocess.call(command, env=worker_environment()))
 
 
 if __name__ == "__main__":

@@ -78,3 +78,17 @@ def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, float_run
                            cwd=tmp_path, capture_output=True, text=True)
     assert usage.returncode != 0 and "DEVICE_ID_LIST must look like 0,1,2,3" in usage.stdout
     assert "bash run_train.sh [GPU] [DEVICE_ID_LIST]" in usage.stdout
+
+
+def test_launch_finds_msrun_and_python_beside_the_interpreter_without_path(tmp_path):
+    """A virtual environment's python run without activating it: msrun is beside it, not on PATH, and msrun starts
+    each worker as `python` from PATH, which must then be this Python (the one with MindSpore)."""
+    script = tmp_path / "who.py"
+    script.write_text("import sys, mindspore\nprint('worker python', sys.executable)\n")
+    env = dict(os.environ, PATH="/usr/bin:/bin")  # no msrun, and a `python` (if any) without MindSpore
+    launched = subprocess.run([sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "1",
+                               "--master_port", str(_free_port()), "--log_dir", str(tmp_path / "log"), str(script)],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert launched.stdout.startswith(os.path.join(os.path.dirname(sys.executable), "msrun") + " ")
+    assert f"worker python {sys.executable}" in (tmp_path / "log" / "worker_0.log").read_text()
