@@ -1,7 +1,6 @@
 """Our CPU kernels (src/kernels) against MindSpore's own ops, in GRAPH mode: values and gradients."""
 import os
 
-import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn, ops, Tensor
@@ -9,9 +8,11 @@ from mindspore import nn, ops, Tensor
 from conftest import Forward
 import src.kernels as kernels
 from src.kernels import DirectConv2D, cpu_kernel_library, min_max_op, stock_convolution, use_mindspore_ops
+from src.layers import ConvBNAct
 from src.mobilenetV2 import mobilenet_v2
-from src.quant.quantizer import QuantConfig
-from src.quant.schedule import QuantSchedule
+from src.quant.layers import QuantAdd, QuantConvBNAct, QuantDense
+from src.quant.quantizer import QuantConfig, activation_quantizer
+from src.quant.schedule import NEVER, QuantSchedule
 
 f32 = np.float32
 
@@ -73,34 +74,149 @@ def test_direct_convolution_matches_conv2d(library, in_channels, out_channels, s
         np.testing.assert_allclose(got_grad.asnumpy(), want_grad.asnumpy(), rtol=1e-4, atol=1e-4)
 
 
+# Our kernels and MindSpore's ops sum in different orders (vector widths, per-thread chunks, double totals), so a
+# layer's outputs agree to float32 reduction error, not bit for bit, and how far depends on the CPU. The worst-case
+# error of a float32 sum of n terms is about n * UNIT_ROUNDOFF of the terms' magnitude; a quantized layer reduces
+# K = fan-in terms per output (the convolution) and M = values per channel (BN's batch statistics), and BN
+# normalises its output, so a layer's error is bounded by (K + M) * UNIT_ROUNDOFF of its output's range.
+UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def reduction_tolerance(fan_in, per_channel):
+    """Relative (to the output's range) float32 error bound of a layer: see above."""
+    return (fan_in + per_channel) * UNIT_ROUNDOFF
+
+
+class _Call(nn.Cell):
+    def __init__(self, cell):
+        super().__init__(auto_prefix=False)
+        self.cell = cell
+
+    def construct(self, *inputs):
+        return self.cell(*inputs)
+
+
+def _twins(make):
+    """(ours, stock): the cell `make()` builds, on our kernels and on MindSpore's ops, with the same Parameters."""
+    ours, stock = make(), make()
+    use_mindspore_ops(stock)
+    values = {p.name: p.asnumpy() for p in ours.get_parameters()}
+    for param in stock.get_parameters():
+        param.set_data(Tensor(values[param.name]))
+    return ours, stock
+
+
+def _state(cell):
+    return {p.name: p.asnumpy() for p in cell.get_parameters() if not p.requires_grad}
+
+
+def _assert_state_close(ours, stock, tolerance):
+    """Observer ranges and running statistics within `tolerance` of each one's scale: a channel's spread for its
+    running mean (a mean near 0 has no relative precision), the value's own magnitude otherwise."""
+    for name, want in stock.items():
+        if name.endswith("moving_mean"):
+            scale = np.sqrt(stock[name[:-len("mean")] + "variance"].max())
+        else:
+            scale = max(np.abs(want).max(), 1e-30)
+        np.testing.assert_allclose(ours[name], want, rtol=0, atol=tolerance * scale, err_msg=name)
+
+
+# One layer of each kind that runs on our kernels: how to build it, the input shapes it takes, and its reduction
+# lengths (fan-in, values per BN channel) for those inputs.
+KERNEL_LAYERS = {
+    # the stem: direct convolution (dense, stride 2), channel statistics, the affine fake-quant output kernel,
+    # per-channel weight fake quantization, the observer kernel
+    "stem": (lambda: QuantConvBNAct(3, 8, kernel_size=3, stride=2, config=QuantConfig()), [(8, 3, 16, 16)],
+             27, 8 * 8 * 8),
+    "depthwise": (lambda: QuantConvBNAct(16, 16, kernel_size=3, groups=16, config=QuantConfig()),
+                  [(8, 16, 16, 16)], 9, 8 * 16 * 16),
+    "projection": (lambda: QuantConvBNAct(16, 8, activation=False, config=QuantConfig()), [(8, 16, 16, 16)],
+                   16, 8 * 16 * 16),
+    "float-depthwise": (lambda: ConvBNAct(16, 16, kernel_size=3, groups=16), [(8, 16, 16, 16)], 9, 8 * 16 * 16),
+    # elementwise, or the same op on both paths (MinMax, ObserveRange and FakeQuant give the ops' bits): exact
+    "residual-add": (lambda: QuantAdd(config=QuantConfig()), [(8, 8, 16, 16)] * 2, 0, 0),
+    "classifier": (lambda: QuantDense(32, 5, config=QuantConfig()), [(8, 32)], 0, 0),
+    "input-quantizer": (lambda: activation_quantizer(QuantConfig()), [(8, 3, 16, 16)], 0, 0),
+}
+
+
+@pytest.mark.parametrize("kind", list(KERNEL_LAYERS))
+def test_each_kernel_layer_computes_what_its_op_layer_computes(library, kind):
+    """A layer on our kernels against the same layer on MindSpore's ops, same Parameters, same input, in training
+    (observers and BN statistics move): rounding off, within the layer's float32 reduction error; rounding on,
+    each value also within one quantization step (a value that lands near a rounding boundary may round the other
+    way); exact where both paths compute the same bits."""
+    make, shapes, fan_in, per_channel = KERNEL_LAYERS[kind]
+    rng = np.random.default_rng(7)
+    inputs = [Tensor(rng.normal(0.3, 1.5, shape).astype(f32)) for shape in shapes]
+    ours, stock = _twins(make)
+    assert _state(ours), kind  # the comparison of states below compares something
+    calls = []
+    for cell in (ours, stock):
+        call = _Call(cell)
+        call.set_train(True)
+        calls.append(call)
+    tolerance = reduction_tolerance(fan_in, per_channel)
+    for rounding in (False, True):
+        for cell in (ours, stock):
+            QuantSchedule(quant_delay=0 if rounding else NEVER).apply(cell, 0)
+        got, want = (call(*inputs).asnumpy() for call in calls)
+        reduces = tolerance > 0 and hasattr(stock, "output_quant")
+        step = stock.output_quant.observer.qparams()[0].asnumpy() if rounding and reduces else 0.0
+        atol = tolerance * (want.max() - want.min()) + step
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=f"rounding {rounding}")
+        _assert_state_close(_state(ours), _state(stock), tolerance)
+
+
+def _conv_layer_tolerance(network, batch, size):
+    """reduction_tolerance summed over the network's Conv+BN layers, for input planes size x size: BN renormalises
+    each layer's output, so the layers' errors add up rather than multiply."""
+    total = 0.0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, ConvBNAct):
+            if cell.in_channels == 3:
+                planes = size  # the stem: the blocks' sizes follow it in the order the cells are listed
+            planes = (planes + 2 * cell.padding - cell.kernel_size) // cell.stride + 1
+            total += reduction_tolerance(cell.in_channels // cell.groups * cell.kernel_size ** 2,
+                                         batch * planes * planes)
+    return total
+
+
 def test_network_on_our_kernels_equals_network_on_mindspore_ops(library):
     """The kernels are used where they should be, and `use_mindspore_ops` (export) swaps them all out without
-    changing what the network computes, in training (observers, BN statistics) and in evaluation."""
-    networks = []
-    for _ in range(2):
-        ms.set_seed(3)
-        networks.append(mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig()))
-    ours, stock = networks
-    use_mindspore_ops(stock)
+    changing what the network computes: in training with rounding off (observers, BN statistics) within the summed
+    float32 reduction error of its layers, for a batch whose BN statistics are well conditioned (the last stage's
+    2x2 planes give 64 values per channel: with 4 values, ulp differences grew to 0.1% of the logits); in integer
+    inference, from the same state, bit for bit. With rounding on, a network is not compared: one code rounded
+    the other way changes every layer after it by more than any float32 tolerance (each layer on its own is
+    compared above)."""
+    ours, stock = _twins(lambda: mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig()))
     stem, first_pointwise = ours.features[0], ours.features[1].conv[1]
     assert isinstance(stem.conv, DirectConv2D) and isinstance(first_pointwise.conv, ops.Conv2D)
     assert ours.input_quant.fake_quant.kernels is not None and ours.input_quant.observer.min_max is not None
     assert isinstance(stock.features[0].conv, ops.Conv2D) and stock.input_quant.fake_quant.kernels is None
     assert stock.input_quant.observer.min_max is None
-    x = Tensor(np.random.default_rng(1).normal(0, 1, (4, 3, 32, 32)).astype(f32))
-    outputs = []
-    for network in networks:
-        QuantSchedule(quant_delay=0).apply(network, 0)
+    batch, size = 16, 64
+    x = Tensor(np.random.default_rng(1).normal(0, 1, (batch, 3, size, size)).astype(f32))
+    in_training = []
+    for network in (ours, stock):
+        QuantSchedule(quant_delay=NEVER).apply(network, 0)
         train = Forward(network)
         train.set_train(True)
-        in_training = train(x).asnumpy()
+        in_training.append(train(x).asnumpy())
+    tolerance = _conv_layer_tolerance(ours, batch, size)
+    assert tolerance < 0.01  # tight enough to catch a wrong kernel (which misses by a good part of the range)
+    got, want = in_training
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * (want.max() - want.min()))
+    _assert_state_close(_state(ours), _state(stock), tolerance)
+    # integer inference from one state: integer arithmetic (exact sums) on both paths
+    ours_state = {p.name: p.asnumpy() for p in ours.get_parameters()}
+    for param in stock.get_parameters():
+        param.set_data(Tensor(ours_state[param.name]))
+    for network in (ours, stock):
+        QuantSchedule(quant_delay=0).apply(network, 0)
         network.set_train(False)
-        outputs.append((in_training, network(x).asnumpy(), {p.name: p.asnumpy() for p in network.get_parameters()}))
-    (ours_train, ours_eval, ours_state), (stock_train, stock_eval, stock_state) = outputs
-    np.testing.assert_allclose(ours_train, stock_train, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ours_eval, stock_eval, rtol=1e-4, atol=1e-4)
-    for name, value in ours_state.items():  # observed ranges and running statistics
-        np.testing.assert_allclose(value, stock_state[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(ours(x).asnumpy(), stock(x).asnumpy())
 
 
 def test_min_max_in_one_pass(library):
@@ -191,7 +307,6 @@ class _QuantizedAffine(nn.Cell):
 def test_affine_act_fake_quant_kernel_is_the_ops_bits(library, activation, rounding):
     """act(a * y + b) fake-quantized, in one pass: the same bits as MindSpore's ops, the observer's range taken from
     y's channel extremes equal to the output's own min and max, and the same gradients for y, a and b."""
-    from src.quant.quantizer import activation_quantizer
     rng = np.random.default_rng(6)
     y = rng.normal(0.5, 2.0, (4, 6, 9, 11)).astype(f32)
     a = rng.normal(0, 1.5, 6).astype(f32)  # some negative: their channel's ends swap
@@ -199,11 +314,11 @@ def test_affine_act_fake_quant_kernel_is_the_ops_bits(library, activation, round
     extremes = np.stack([y.min((0, 2, 3)), y.max((0, 2, 3))])
     inputs = [Tensor(v) for v in (y, a, b, extremes)]
     results = []
-    for kernels in (True, False):
+    for on_kernels in (True, False):
         quantizer = activation_quantizer(QuantConfig())
-        if not kernels:
+        if not on_kernels:
             use_mindspore_ops(quantizer)
-        assert (quantizer.fake_quant.affine_act_kernel is not None) == kernels
+        assert (quantizer.fake_quant.affine_act_kernel is not None) == on_kernels
         quantizer.quant_enabled.set_data(Tensor(f32(rounding)))
         cell = _QuantizedAffine(quantizer, activation)
         cell.set_train(True)  # the observer sees this batch (its first: the range is the batch's)
