@@ -1,5 +1,8 @@
 """Our CPU kernels (src/kernels) against MindSpore's own ops, in GRAPH mode: values and gradients."""
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -259,6 +262,33 @@ def test_kernel_cache_is_keyed_by_the_instruction_sets_the_compiler_targets():
         assert cpu_kernel_library() == kernels.library_path(native)
 
 
+def _functions_with_fused_multiply_adds(library):
+    """Names of the functions in a compiled library whose machine code has an FMA instruction."""
+    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", library], check=True, capture_output=True,
+                             text=True).stdout
+    found, function = set(), None
+    for line in listing.splitlines():
+        header = re.match(r"[0-9a-f]+ <(.+)>:$", line)
+        if header:
+            function = header.group(1).split(".")[0]  # OpenMP outlines loops as <Name._omp_fn.N>
+        elif re.search(r"\bv?fn?m(add|sub)[0-9]{3}", line):
+            found.add(function)
+    return found
+
+
+@pytest.mark.parametrize("march", ["haswell", "skylake-avx512"], ids=["avx2", "avx512"])
+def test_fake_quant_kernels_compute_products_and_sums_apart_on_every_target(march, tmp_path):
+    """fake_quant.cc must give MindSpore's Mul-then-Add bits: a multiply-add contracted into one FMA rounds once
+    instead of twice. GCC contracts under -march with FMA (AVX2 and AVX-512 alike) unless told not to; checked in
+    the machine code built for both targets, whichever CPU runs the test. QLinearAdd fuses on purpose (std::fma,
+    as ONNX Runtime's MLAS kernel)."""
+    library = str(tmp_path / f"fake_quant-{march}.so")
+    compile_command = [f"-march={march}" if flag == "-march=native" else flag for flag in kernels.COMPILE]
+    source = next(name for name in kernels.SOURCES if name.endswith("fake_quant.cc"))
+    subprocess.run(compile_command + ["-o", library, source], check=True, capture_output=True)
+    assert _functions_with_fused_multiply_adds(library) == {"QLinearAdd"}
+
+
 class _Stats(nn.Cell):
     def __init__(self, op):
         super().__init__()
@@ -342,8 +372,6 @@ def test_affine_act_fake_quant_kernel_is_the_ops_bits(library, activation, round
 
 
 def _python(code):
-    import subprocess
-    import sys
     from conftest import ROOT
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
