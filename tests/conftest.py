@@ -15,6 +15,11 @@ ms.set_context(mode=ms.GRAPH_MODE)
 ms.set_device("CPU")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: needs no trained fixture and no whole-network graph; "
+                                       "python -m pytest -q -m quick tests is the developer's loop")
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A tiny copy of the demo dataset: 4 classes, 20x20 pixels, 12 training and 6 validation images each."""

@@ -10,6 +10,8 @@ from src.config import config_cpu, parse_args
 from src.dataset import DatasetError, Epoch, create_dataset
 from src.lr_generator import get_lr
 
+pytestmark = pytest.mark.quick  # the developer's loop: python -m pytest -q -m quick tests
+
 CONFIG = EasyDict(dict(config_cpu, num_classes=4, image_height=16, image_width=16, batch_size=5,
                        num_parallel_workers=1))
 

@@ -80,6 +80,7 @@ def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, float_run
     assert "bash run_train.sh [GPU] [DEVICE_ID_LIST]" in usage.stdout
 
 
+@pytest.mark.quick
 def test_launch_finds_msrun_and_python_beside_the_interpreter_without_path(tmp_path):
     """A virtual environment's python run without activating it: msrun is beside it, not on PATH, and msrun starts
     each worker as `python` from PATH, which must then be this Python (the one with MindSpore)."""

@@ -123,6 +123,7 @@ CONVS = {"stem": (3, 16, 3, 2, 1, True), "depthwise": (24, 24, 3, 1, 24, True),
          "project": (96, 24, 1, 1, 1, False), "wide_project": (960, 160, 1, 1, 1, False)}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits", [7, 8])
 @pytest.mark.parametrize("kind", list(CONVS))
@@ -143,6 +144,7 @@ def test_convolution_gives_qlinearconv_codes(kind, bits, path):
     np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("features", [1280, 80])
 def test_classifier_gives_qlinearconv_then_dequantize(features):
     """The dense classifier, exported as a 1x1 QLinearConv then DequantizeLinear: over 1280 features (full width)
@@ -164,6 +166,7 @@ def test_classifier_gives_qlinearconv_then_dequantize(features):
     np.testing.assert_array_equal(ours, dequantized)
 
 
+@pytest.mark.quick
 def test_wide_products_are_exact_by_weight_digits():
     """A product beyond float32's exact integers (an odd sum above 2^24, which float32 cannot even hold): digit by
     digit it is exact, in one piece it is not (what the digits are for)."""
@@ -193,6 +196,7 @@ def _contraction_sensitive_ranges(count):
     return found
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("path", PATHS)
 def test_residual_add_gives_qlinearadd_codes(path):
     """Every pair of uint8 codes, for random ranges and for ranges where the rounding of MLAS's constant matters."""
@@ -219,6 +223,7 @@ class _Pool(nn.Cell):
 
 @pytest.mark.parametrize("size,out_scale", [(1, 0.011), (2, 0.011), (7, 0.011), (2, 0.04)],
                          ids=["1x1", "2x2", "7x7", "2x2_ties"])
+@pytest.mark.quick
 def test_pooling_gives_qlinearglobalaveragepool_codes(size, out_scale):
     """The last case requantizes by exactly 1/4: half the sums fall on ties, which round to even."""
     codes = random_codes((3, 40, size, size))
@@ -237,6 +242,7 @@ class _Quantize(nn.Cell):
         return integer.quantize(x, scale, zero_point)[0]
 
 
+@pytest.mark.quick
 def test_input_quantization_gives_quantizelinear_codes():
     """Including exact ties (half to even) and values beyond the range (saturated)."""
     scale, zero_point = f32(0.0173), 117

@@ -61,6 +61,7 @@ class _Grads(nn.Cell):
     (4, 4, 1, 3, 1, 4),     # a 1x1 plane: every tap but the centre reads padding
 ], ids=["stem", "depthwise", "depthwise-s2", "grouped", "multiplier", "5x5", "5x5-s2", "stride-3", "plane-2x2",
         "plane-1x1"])
+@pytest.mark.quick
 def test_direct_convolution_matches_conv2d(library, in_channels, out_channels, size, kernel, stride, groups):
     rng = np.random.default_rng(0)
     padding = (kernel - 1) // 2
@@ -143,6 +144,7 @@ KERNEL_LAYERS = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind", list(KERNEL_LAYERS))
 def test_each_kernel_layer_computes_what_its_op_layer_computes(library, kind):
     """A layer on our kernels against the same layer on MindSpore's ops, same Parameters, same input, in training
@@ -222,6 +224,7 @@ def test_network_on_our_kernels_equals_network_on_mindspore_ops(library):
     np.testing.assert_array_equal(ours(x).asnumpy(), stock(x).asnumpy())
 
 
+@pytest.mark.quick
 def test_min_max_in_one_pass(library):
     x = np.random.default_rng(2).normal(0, 3, (4, 5, 6, 7)).astype(f32)
     x[1, 2, 3, 4], x[3, 4, 5, 6] = -50.0, 60.0
@@ -236,6 +239,7 @@ def test_min_max_in_one_pass(library):
     np.testing.assert_array_equal(MinMax()(Tensor(x)).asnumpy(), [-50.0, 60.0])
 
 
+@pytest.mark.quick
 def test_without_a_compiler_the_network_runs_on_mindspore_ops_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing compiled there yet
     monkeypatch.setattr(kernels, "COMPILE", ["no-such-compiler-here"] + kernels.COMPILE[1:])
@@ -247,6 +251,7 @@ def test_without_a_compiler_the_network_runs_on_mindspore_ops_with_a_warning(mon
     assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
 
 
+@pytest.mark.quick
 def test_kernel_cache_is_keyed_by_the_instruction_sets_the_compiler_targets():
     avx2, avx512 = kernels.compiler_target("haswell"), kernels.compiler_target("skylake-avx512")
     assert "__AVX2__" in avx2 and "__AVX512F__" not in avx2 and "__AVX512F__" in avx512
@@ -276,6 +281,7 @@ def _functions_with_fused_multiply_adds(library):
     return found
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("march", ["haswell", "skylake-avx512"], ids=["avx2", "avx512"])
 def test_fake_quant_kernels_compute_products_and_sums_apart_on_every_target(march, tmp_path):
     """fake_quant.cc must give MindSpore's Mul-then-Add bits: a multiply-add contracted into one FMA rounds once
@@ -298,6 +304,7 @@ class _Stats(nn.Cell):
         return self.op(y)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("mean", [0.0, 300.0], ids=["centred", "far-from-zero"])
 def test_channel_stats_in_one_pass(library, mean):
     """Mean, biased variance, min and max per channel, against NumPy in float64 (a mean far from 0 must not cancel
@@ -332,6 +339,7 @@ class _QuantizedAffine(nn.Cell):
         return self.quantizer.affine_act(y, a, b, self.activation, extremes)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("activation", [True, False], ids=["relu6", "linear"])
 @pytest.mark.parametrize("rounding", [True, False], ids=["rounding", "no-rounding"])
 def test_affine_act_fake_quant_kernel_is_the_ops_bits(library, activation, rounding):
@@ -378,6 +386,7 @@ def _python(code):
                           check=True)
 
 
+@pytest.mark.quick
 def test_importing_src_first_makes_openmp_threads_sleep_between_kernels():
     """Spinning OpenMP threads took a core from MindSpore's ops (training 25-30% slower): importing src before
     MindSpore sets the passive policy; importing it after says the policy came too late; a user's own is kept."""

@@ -15,6 +15,8 @@ from src.quant.observers import asymmetric_qparams, MovingAverageMinMaxObserver,
 from src.quant.quantizer import QuantConfig, weight_quantizer
 from src.quant.schedule import QuantSchedule
 
+pytestmark = pytest.mark.quick  # the developer's loop: python -m pytest -q -m quick tests
+
 f32 = np.float32
 
 

@@ -105,6 +105,7 @@ def test_resume_of_another_run_is_refused_naming_what_differs(demo_data, qat_run
               resume=qat_run[0])
 
 
+@pytest.mark.quick
 def test_another_normalisation_is_refused():
     config = tiny_config()
     record = dict(input_record(config), input_mean=[127.5] * 3, input_std=[127.5] * 3)
