@@ -100,13 +100,17 @@ class _Call(nn.Cell):
         return self.cell(*inputs)
 
 
+def _copy_parameters(source, target):
+    values = {p.name: p.asnumpy() for p in source.get_parameters()}
+    for param in target.get_parameters():
+        param.set_data(Tensor(values[param.name]))
+
+
 def _twins(make):
     """(ours, stock): the cell `make()` builds, on our kernels and on MindSpore's ops, with the same Parameters."""
     ours, stock = make(), make()
     use_mindspore_ops(stock)
-    values = {p.name: p.asnumpy() for p in ours.get_parameters()}
-    for param in stock.get_parameters():
-        param.set_data(Tensor(values[param.name]))
+    _copy_parameters(ours, stock)
     return ours, stock
 
 
@@ -215,9 +219,7 @@ def test_network_on_our_kernels_equals_network_on_mindspore_ops(library):
     np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * (want.max() - want.min()))
     _assert_state_close(_state(ours), _state(stock), tolerance)
     # integer inference from one state: integer arithmetic (exact sums) on both paths
-    ours_state = {p.name: p.asnumpy() for p in ours.get_parameters()}
-    for param in stock.get_parameters():
-        param.set_data(Tensor(ours_state[param.name]))
+    _copy_parameters(ours, stock)
     for network in (ours, stock):
         QuantSchedule(quant_delay=0).apply(network, 0)
         network.set_train(False)
