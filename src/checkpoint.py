@@ -17,8 +17,10 @@ NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits")
 INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
 META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num", "val_acc")
 FLOAT, QUANT = "float", "quant"
-# Names the training cell adds beside the network's own Parameters (optimizer and loss-scale state).
-TRAIN_STATE_PREFIXES = ("moments.", "learning_rate", "global_step", "momentum", "scale_sense", "loss_scaling_manager.")
+# Names the training cell adds beside the network's own Parameters (optimizer and loss-scale state; the dynamic
+# loss scale's step counters are top-level names).
+TRAIN_STATE_PREFIXES = ("moments.", "learning_rate", "global_step", "momentum", "scale_sense", "loss_scaling_manager.",
+                        "current_iterator_step", "last_overflow_iterator_step")
 CLASSIFIER_PREFIX = "classifier."
 
 
