@@ -52,18 +52,24 @@ def float_run(demo_data, tmp_path_factory):
                               "--epoch_size", "2", "--lr", "0.05", "--save_checkpoint_path", out])
 
 
+def qat_run_argv(demo_data, float_run):
+    """qat_run's command: 2 QAT epochs of 6 steps from float_run, BN and observers frozen after one, a checkpoint
+    every 4 steps besides the epoch ends (the one in the middle of epoch 1 is what test_resume_continues_exactly
+    resumes from, across the freeze), the dynamic loss scale (its state is resumed too), validated every epoch."""
+    return ["--dataset_path", demo_data[0], "--pre_trained", float_run, *tiny_argv(), "--start_epoch", "2",
+            "--epoch_size", "2", "--lr", "0.05", "--freeze_bn_epochs", "1", "--freeze_observer_epochs", "1",
+            "--loss_scale_type", "dynamic", "--save_checkpoint_steps", "4", "--keep_checkpoint_max", "4",
+            "--eval_dataset_path", demo_data[1]]
+
+
 @pytest.fixture(scope="session")
 def qat_run(demo_data, float_run, tmp_path_factory):
-    """(checkpoint, log) of 2 QAT epochs from float_run through train.py, BN and observers frozen after one,
-    validated after each epoch."""
+    """(last checkpoint, log) of qat_run_argv's run through train.py."""
     import train as train_script
     out = str(tmp_path_factory.mktemp("qat"))
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        last = train_script.main(["--dataset_path", demo_data[0], "--pre_trained", float_run, *tiny_argv(),
-                                  "--start_epoch", "2", "--epoch_size", "2", "--lr", "0.05", "--freeze_bn_epochs", "1",
-                                  "--freeze_observer_epochs", "1", "--save_checkpoint_path", out,
-                                  "--keep_checkpoint_max", "1", "--eval_dataset_path", demo_data[1]])
+        last = train_script.main([*qat_run_argv(demo_data, float_run), "--save_checkpoint_path", out])
     return last, log.getvalue()
 
 

@@ -22,7 +22,7 @@ from src.curves import read_curves
 from src.dataset import MEAN, STD, DatasetError, check_input_record, input_record
 from src.trainer import train, TrainingError
 
-from conftest import ROOT, TINY, gradient_moved_all, tiny_argv
+from conftest import ROOT, TINY, gradient_moved_all, qat_run_argv, tiny_argv
 
 
 def tiny_config(**overrides):
@@ -42,9 +42,13 @@ def test_float_then_qat_then_eval_through_the_scripts(demo_data, float_run, qat_
     assert "effective config:" in train_log and "lr: this run sees" in train_log
     assert "epoch: [  1/  2], step:[    5/    6], loss:[" in train_log and "per step time:" in train_log
     assert re.search(r"avg loss: [\d.]+, [\d.]+ img/s, time left: 0:00:00\n", train_log)  # the last epoch's line
-    # keep_checkpoint_max 1, and the best validated network beside it
+    # a checkpoint every 4 global steps and at each epoch end, and the best validated network beside them
     best = os.path.join(os.path.dirname(last), "mobilenetV2_quant-best.ckpt")
-    assert sorted(os.listdir(os.path.dirname(last))) == sorted([os.path.basename(last), os.path.basename(best)])
+    assert os.path.basename(last) == "mobilenetV2_quant-2_6.ckpt"
+    assert sorted(os.listdir(os.path.dirname(last))) == \
+        [f"mobilenetV2_quant-{n}.ckpt" for n in ("1_4", "1_6", "2_2", "2_6", "best")]
+    mid_epoch = checkpoint.read(os.path.join(os.path.dirname(last), "mobilenetV2_quant-2_2.ckpt"))[1]
+    assert (mid_epoch["epoch_num"], mid_epoch["step_num"]) == (1, 8)
     params, meta = _params(last)
     assert meta["network_kind"] == "quant" and meta["epoch_num"] == 2 and meta["step_num"] == 12
     assert params["features.0.bn_frozen"] == 1 and params["input_quant.observer.enabled"] == 0
@@ -113,29 +117,26 @@ def test_another_normalisation_is_refused():
         check_input_record(config, record, "m.ckpt")
 
 
-def test_resume_continues_exactly(demo_data, float_run, tmp_path):
-    train_path, _ = demo_data
-    """QAT, 3 epochs of 6 steps with a checkpoint every 4 steps, against the same run resumed from its checkpoint
-    in the middle of epoch 2 (BN and observers freeze at the start of epoch 3, after the resume)."""
-    config = dict(start_epoch=2, epoch_size=3, lr=0.05, freeze_bn_epochs=2, freeze_observer_epochs=2,
-                  loss_scale_type="dynamic", save_checkpoint_steps=4, keep_checkpoint_max=4)
-    straight = train(tiny_config(**config, save_checkpoint_path=str(tmp_path / "a")), train_path,
-                     pretrained=float_run)
-    # step checkpoints at global steps 4, 8, 16 and epoch ones; the newest 4 of them all are kept
-    assert sorted(os.listdir(tmp_path / "a")) == [f"mobilenetV2_quant-{n}.ckpt" for n in ("2_2", "2_6", "3_4", "3_6")]
-    mid_epoch = checkpoint.read(str(tmp_path / "a" / "mobilenetV2_quant-2_2.ckpt"))[1]
-    assert (mid_epoch["epoch_num"], mid_epoch["step_num"]) == (1, 8)
-    # the same run killed after global step 8 leaves that checkpoint; a new run resumes from it
-    resumed_dir = tmp_path / "b"
+def test_resume_continues_exactly(demo_data, float_run, qat_run, tmp_path):
+    """qat_run's command, resumed from its checkpoint in the middle of epoch 1 (BN and observers freeze at the
+    start of epoch 2, after the resume): it ends where qat_run ended, bit for bit, the optimizer's state and the
+    dynamic loss scale included."""
+    import train as train_script
+    last, _ = qat_run
+    resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
-    shutil.copy(tmp_path / "a" / "mobilenetV2_quant-2_2.ckpt", resumed_dir)
-    resumed = train(tiny_config(**config, save_checkpoint_path=str(resumed_dir)), train_path, resume="latest")
-    want, _ = _params(straight)
+    shutil.copy(os.path.join(os.path.dirname(last), "mobilenetV2_quant-1_4.ckpt"), resumed_dir)
+    # keep 3: the checkpoint it resumed from is the oldest, and goes once 3 newer ones are written
+    resumed = train_script.main([*qat_run_argv(demo_data, float_run), "--save_checkpoint_path", str(resumed_dir),
+                                 "--keep_checkpoint_max", "3", "--resume", "latest"])
+    assert sorted(os.listdir(resumed_dir)) == [f"mobilenetV2_quant-{n}.ckpt" for n in ("1_6", "2_2", "2_6", "best")]
+    want, _ = _params(last)
     got, meta = _params(resumed)
     assert gradient_moved_all(_params(float_run)[0], want)
-    assert meta["epoch_num"] == 3 and meta["step_num"] == 18
+    assert meta["epoch_num"] == 2 and meta["step_num"] == 12
     assert set(want) == set(got)
     assert any(name.startswith("moments.") for name in got)  # the optimizer state is in the checkpoint
+    assert got["features.0.bn_frozen"] == 1 and want["features.0.bn_frozen"] == 1
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
