@@ -45,11 +45,16 @@ class TrainOneStepWithLossScale(nn.TrainOneStepWithLossScaleCell):
         return overflow > 0
 
 
+def make_loss_cell(network, config):
+    """The network followed by the training loss (label-smoothed cross entropy)."""
+    return nn.WithLossCell(network, CrossEntropySmooth(config.num_classes, config.label_smooth))
+
+
 def make_train_cell(network, optimizer, config):
     """Forward, loss, scaled backward and update in one graph. The loss scale multiplies the loss before
     backward and divides the gradients after it, so small FP16 gradients do not underflow; a step whose
     gradients overflow is skipped. "dynamic" halves the scale on overflow and doubles it after 1000 clean steps."""
-    loss_net = nn.WithLossCell(network, CrossEntropySmooth(config.num_classes, config.label_smooth))
+    loss_net = make_loss_cell(network, config)
     if config.loss_scale_type == "dynamic":
         scale = nn.DynamicLossScaleUpdateCell(loss_scale_value=config.loss_scale, scale_factor=2, scale_window=1000)
     else:

@@ -111,6 +111,13 @@ def learned_float(learning_data, tmp_path_factory):
                               "--keep_checkpoint_max", "1", "--save_checkpoint_path", out])
 
 
+def checkpoint_arrays(path):
+    """(name -> NumPy array, metadata) of a checkpoint."""
+    from src import checkpoint
+    entries, meta = checkpoint.read(path)
+    return {name: value.asnumpy() for name, value in entries.items()}, meta
+
+
 def gradient_moved_all(start, end):
     """True when training moved every BN beta and the classifier bias from `start` to `end` (name -> array):
     Parameters without weight decay, which only a gradient moves (decay alone moves conv and dense weights).

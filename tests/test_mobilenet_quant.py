@@ -6,9 +6,9 @@ import numpy as np
 import mindspore as ms
 import pytest
 from easydict import EasyDict
-from mindspore import nn, Tensor
+from mindspore import Tensor
 
-from conftest import BATCH, CLASSES, TINY, WIDTH, Forward, images
+from conftest import BATCH, CLASSES, TINY, WIDTH, Forward, checkpoint_arrays, images
 from src import checkpoint
 from src.config import config_cpu
 from src.layers import set_compute_dtype
@@ -17,8 +17,7 @@ from src.mobilenetV2 import mobilenet_v2
 from src.quant.layers import quant_state_names
 from src.quant.quantizer import QuantConfig
 from src.quant.schedule import QuantSchedule
-from src.trainer import make_optimizer, make_train_cell
-from src.utils import CrossEntropySmooth
+from src.trainer import make_loss_cell, make_optimizer, make_train_cell
 
 f32 = np.float32
 
@@ -75,7 +74,7 @@ def test_observers_move_in_graph_training_and_stay_once_frozen(qat_run, tmp_path
     last, _ = qat_run
     folder = os.path.dirname(last)
     step4, step6, step8, step12 = (
-        {n: v.asnumpy() for n, v in checkpoint.read(path)[0].items()}
+        checkpoint_arrays(path)[0]
         for path in [os.path.join(folder, f"mobilenetV2_quant-{n}.ckpt") for n in ("1_4", "1_6", "2_2")] + [last])
     before, after, frozen_start, frozen_end = (_observer_state(p) for p in (step4, step6, step8, step12))
     moved = [n for n in before if not np.array_equal(before[n], after[n])]
@@ -90,7 +89,7 @@ def test_observers_move_in_graph_training_and_stay_once_frozen(qat_run, tmp_path
     assert meta["network_kind"] == "quant" and meta["epoch_num"] == 2 and meta["step_num"] == 12
     saved = str(tmp_path / "round_trip.ckpt")
     checkpoint.save(net, saved, net, 2, 12)
-    restored = {n: v.asnumpy() for n, v in checkpoint.read(saved)[0].items()}
+    restored, _ = checkpoint_arrays(saved)
     network_names = set(net.parameters_dict())
     assert network_names <= set(step12) and network_names == set(restored)
     for name in network_names:
@@ -139,8 +138,7 @@ def _train_cell(net):
 def test_mixed_precision_computes_convolutions_in_fp16_and_keeps_quantization_fp32(float_checkpoint):
     """One training step of the quantized network in FP16 against the FP32 loss of the same network on the same
     batch (the loss a step computes before it updates)."""
-    fp32_loss = float(nn.WithLossCell(quant_net(float_checkpoint), CrossEntropySmooth(CLASSES, CONFIG.label_smooth)).set_train(True)(
-        images(1), LABELS).asnumpy())
+    fp32_loss = float(make_loss_cell(quant_net(float_checkpoint), CONFIG).set_train(True)(images(1), LABELS).asnumpy())
     net = quant_net(float_checkpoint)
     set_compute_dtype(net, ms.float16)
     loss, overflow, _ = _train_cell(net)(images(1), LABELS)

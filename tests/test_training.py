@@ -22,16 +22,11 @@ from src.curves import read_curves
 from src.dataset import MEAN, STD, DatasetError, check_input_record, input_record
 from src.trainer import train, TrainingError
 
-from conftest import ROOT, TINY, gradient_moved_all, qat_run_argv, tiny_argv
+from conftest import ROOT, TINY, checkpoint_arrays, gradient_moved_all, qat_run_argv, tiny_argv
 
 
 def tiny_config(**overrides):
     return EasyDict(dict(config_cpu, **dict(TINY, **overrides)))
-
-
-def _params(path):
-    entries, meta = checkpoint.read(path)
-    return {name: value.asnumpy() for name, value in entries.items()}, meta
 
 
 def test_float_then_qat_then_eval_through_the_scripts(demo_data, float_run, qat_run, capsys):
@@ -49,7 +44,7 @@ def test_float_then_qat_then_eval_through_the_scripts(demo_data, float_run, qat_
         [f"mobilenetV2_quant-{n}.ckpt" for n in ("1_4", "1_6", "2_2", "2_6", "best")]
     mid_epoch = checkpoint.read(os.path.join(os.path.dirname(last), "mobilenetV2_quant-2_2.ckpt"))[1]
     assert (mid_epoch["epoch_num"], mid_epoch["step_num"]) == (1, 8)
-    params, meta = _params(last)
+    params, meta = checkpoint_arrays(last)
     assert meta["network_kind"] == "quant" and meta["epoch_num"] == 2 and meta["step_num"] == 12
     assert params["features.0.bn_frozen"] == 1 and params["input_quant.observer.enabled"] == 0
     assert params["input_quant.observer.min_val"] < 0 < params["input_quant.observer.max_val"]
@@ -130,9 +125,9 @@ def test_resume_continues_exactly(demo_data, float_run, qat_run, tmp_path):
     resumed = train_script.main([*qat_run_argv(demo_data, float_run), "--save_checkpoint_path", str(resumed_dir),
                                  "--keep_checkpoint_max", "3", "--resume", "latest"])
     assert sorted(os.listdir(resumed_dir)) == [f"mobilenetV2_quant-{n}.ckpt" for n in ("1_6", "2_2", "2_6", "best")]
-    want, _ = _params(last)
-    got, meta = _params(resumed)
-    assert gradient_moved_all(_params(float_run)[0], want)
+    want, _ = checkpoint_arrays(last)
+    got, meta = checkpoint_arrays(resumed)
+    assert gradient_moved_all(checkpoint_arrays(float_run)[0], want)
     assert meta["epoch_num"] == 2 and meta["step_num"] == 12
     assert set(want) == set(got)
     assert any(name.startswith("moments.") for name in got)  # the optimizer state is in the checkpoint
@@ -162,9 +157,9 @@ def test_float_run_killed_mid_epoch_resumes_to_the_same_weights(demo_data, float
     for path in written[written.index(str(mid_epoch)) + 1:]:
         os.remove(path)
     resumed = train_script.main(argv + ["--resume", "latest"])
-    got, meta = _params(resumed)
-    want, _ = _params(float_run)
-    assert gradient_moved_all(_params(str(mid_epoch))[0], got)
+    got, meta = checkpoint_arrays(resumed)
+    want, _ = checkpoint_arrays(float_run)
+    assert gradient_moved_all(checkpoint_arrays(str(mid_epoch))[0], got)
     assert meta["epoch_num"] == 2 and meta["step_num"] == 12 and set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -203,8 +198,8 @@ def test_ptq_calibrates_without_training(demo_data, float_run, tmp_path, capsys)
                               *tiny_argv(), "--calibration_batches", "4", "--save_checkpoint_path", out])
     log = capsys.readouterr().out
     assert f"last checkpoint: {path}" in log and "calibrated on 4 batches (32 images)" in log
-    params, meta = _params(path)
-    start, _ = _params(float_run)
+    params, meta = checkpoint_arrays(path)
+    start, _ = checkpoint_arrays(float_run)
     assert meta["network_kind"] == "quant"
     assert params["input_quant.observer.batches_seen"] == 4 and params["input_quant.observer.enabled"] == 0
     assert params["input_quant.quant_enabled"] == 1 and params["features.0.bn_frozen"] == 1
