@@ -93,7 +93,7 @@ def main(argv=None):
             if network is None or not network.quantized:
                 raise checkpoint.CheckpointError("--parity_with compares a quantized checkpoint (--checkpoint_path "
                                                  "*.ckpt) with its export")
-            step = float(network.classifier.output_quant.observer.qparams()[0].asnumpy())
+            step = float(network.classifier.output_quant.qparams()[0].asnumpy())
             result = parity(predict, exported_predictor(args.parity_with), data, step)
             arithmetic = "simulated" if args.simulated else "integer inference"
             print(f"parity: {name} vs {os.path.basename(args.parity_with)} over {result['images']} images\n"

@@ -11,8 +11,9 @@ import numpy as np
 
 
 # What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood.
-# weight_bits and act_bits only in quantized checkpoints: the stored ranges mean nothing at another bit width.
-NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits")
+# weight_bits, act_bits and quantizer only in quantized checkpoints: the stored ranges mean nothing at another bit
+# width, and LSQ's step sizes are Parameters that a minmax network does not have.
+NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits", "quantizer")
 # What it says about the input it was trained on (src.dataset.input_record): size and normalisation.
 INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
 META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num", "val_acc")
@@ -39,7 +40,8 @@ def save(cell, path, network, epoch_num, step_num, record=None):
     meta = {"network_kind": network_kind(network), "num_classes": network.num_classes,
             "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
     if network.quant_config is not None:
-        meta.update(weight_bits=network.quant_config.weight_bits, act_bits=network.quant_config.act_bits)
+        meta.update(weight_bits=network.quant_config.weight_bits, act_bits=network.quant_config.act_bits,
+                    quantizer=network.quant_config.quantizer)
     for key, value in (record or {}).items():
         meta[key] = ms.Tensor(np.array(value, np.float32)) if isinstance(value, (list, tuple)) else value
     tmp = path[:-len(".ckpt")] + ".tmp.ckpt" if path.endswith(".ckpt") else path + ".tmp.ckpt"

@@ -8,6 +8,8 @@ import sys
 
 from easydict import EasyDict as ed
 
+from src.quant.quantizer import QUANTIZERS
+
 _COMMON = dict(
     num_classes=1000,
     width_mult=1.0,
@@ -35,6 +37,9 @@ _COMMON = dict(
     weight_bits=7,
     act_bits=8,
     ema_decay=0.999,
+    # "minmax": scales from the observed ranges; "lsq": learned step sizes (LSQ), started from the ranges observed
+    # until freeze_observer_epochs (give it 1 or more: an epoch of ranges to start from).
+    quantizer="minmax",
     quant_delay_epochs=0,     # observers watch, nothing is rounded
     freeze_bn_epochs=50,      # from here BN uses its running statistics: training sees the folded inference model
     freeze_observer_epochs=55,
@@ -114,6 +119,8 @@ def validate(config):
     """The first problem with the config's values, or None."""
     if config.compute_dtype not in ("float32", "float16"):
         return f"--compute_dtype must be 'float32' or 'float16', got {config.compute_dtype!r}"
+    if config.quantizer not in QUANTIZERS:
+        return f"--quantizer must be one of {', '.join(QUANTIZERS)}, got {config.quantizer!r}"
     if config.loss_scale_type not in ("fixed", "dynamic"):
         return f"--loss_scale_type must be 'fixed' or 'dynamic', got {config.loss_scale_type!r}"
     for key in ("weight_bits", "act_bits"):

@@ -72,8 +72,8 @@ class MobileNetV2(nn.Cell):
     def construct(self, x):
         if self.integer_inference and not self.training:
             # The deployed integer model: activations travel as (codes, scale, zero point) from here on.
-            x = self.features(integer.quantize(x, *self.input_quant.observer.qparams()))
-            return self.classifier(integer.global_average_pool(x, *self.pool_quant.observer.qparams()))
+            x = self.features(integer.quantize(x, *self.input_quant.qparams()))
+            return self.classifier(integer.global_average_pool(x, *self.pool_quant.qparams()))
         x = self.features(self.input_quant(x))
         x = self.pool_quant(ops.mean(x, (2, 3)))
         return self.classifier(x)
@@ -88,5 +88,5 @@ def network_from_config(config, quantized, sync_group=None):
     quant_config = None
     if quantized:
         quant_config = QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits,
-                                   ema_decay=config.ema_decay, sync_group=sync_group)
+                                   ema_decay=config.ema_decay, quantizer=config.quantizer, sync_group=sync_group)
     return mobilenet_v2(config.num_classes, config.width_mult, quant_config)

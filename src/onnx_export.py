@@ -58,7 +58,7 @@ def _numpy(tensor):
 
 def _quantize_activation(graph, x, quantizer, hint):
     """QuantizeLinear then DequantizeLinear with the quantizer's learned per-tensor range."""
-    scale, zero_point = (_numpy(t) for t in quantizer.observer.qparams())
+    scale, zero_point = (_numpy(t) for t in quantizer.qparams())
     scale = np.float32(scale)
     zero_point = np.uint8(zero_point)
     scale_name, zp_name = graph.const(f"{hint}_scale", scale), graph.const(f"{hint}_zero_point", zero_point)

@@ -18,7 +18,7 @@ from src.quant.layers import quant_state_names
 from src.quant.schedule import QuantSchedule, calibrate_ranges
 from src.utils import CrossEntropySmooth, Monitor
 
-NO_DECAY_SUFFIXES = ("gamma", "beta", "bias")
+NO_DECAY_SUFFIXES = ("gamma", "beta", "bias", "step_size")
 
 
 class TrainingError(RuntimeError):
@@ -26,7 +26,7 @@ class TrainingError(RuntimeError):
 
 
 def make_optimizer(network, lr, config):
-    """Momentum with weight decay on conv and dense weights only (not on BN parameters and biases)."""
+    """Momentum with weight decay on conv and dense weights only (not on BN parameters, biases and step sizes)."""
     params = network.trainable_params()
     decay = [p for p in params if not p.name.endswith(NO_DECAY_SUFFIXES)]
     no_decay = [p for p in params if p.name.endswith(NO_DECAY_SUFFIXES)]
@@ -91,7 +91,7 @@ def _check_resume(path, config, kind, schedule_steps, log):
     entries, meta = checkpoint.read(path, only=("learning_rate",))
     if meta.get("network_kind", kind) != kind:
         raise TrainingError(f"--resume {path} holds a {meta['network_kind']} network, this run trains a {kind} one")
-    for key in ("weight_bits", "act_bits", "image_height", "image_width"):
+    for key in ("weight_bits", "act_bits", "quantizer", "image_height", "image_width"):
         if key in meta and meta[key] != config[key]:
             raise TrainingError(f"--resume {path} was trained with {key} {meta[key]}, this run asks for "
                                 f"{config[key]}: give --{key} {meta[key]}")

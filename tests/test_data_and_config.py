@@ -91,6 +91,7 @@ def test_config_overrides_are_typed_and_checked(capsys):
     assert "argument --save_checkpoint: invalid bool value: 'maybe'" in _parse(["--save_checkpoint", "maybe"], capsys)
     assert "--loss_scale_type must be 'fixed' or 'dynamic'" in _parse(["--loss_scale_type", "auto"], capsys)
     assert "--weight_bits must be between 2 and 8, got 9" in _parse(["--weight_bits", "9"], capsys)
+    assert "--quantizer must be one of minmax, lsq, got 'LSQ'" in _parse(["--quantizer", "LSQ"], capsys)
     assert "ambiguous" not in _parse(["--save_checkpoint_pat", "x"], capsys)  # no silent abbreviations
 
 

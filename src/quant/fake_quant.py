@@ -1,6 +1,7 @@
-"""The fake-quantizer: quantize, clamp, dequantize, with a clipped straight-through gradient.
+"""The fake-quantizers: quantize, clamp, dequantize, with a clipped straight-through gradient for x, and for the
+scale none (`FakeQuantize`: ranges from min/max observers) or LSQ's (`LearnedStepFakeQuantize`: learned scales).
 
-It holds no range of its own: the scale and zero point come from an observer (observers.py), so rounding and
+They hold no range of their own: the scale and zero point come from the quantizer (quantizer.py), so rounding and
 range tracking can be tested and changed apart. Built from ordinary MindSpore ops so it runs in GRAPH mode on
 CPU, GPU and Ascend alike (the fused FakeQuantPerLayer primitives have no CPU kernel).
 """
@@ -89,3 +90,32 @@ class FakeQuantize(nn.Cell):
 
     def _settings(self, enabled):
         return ops.concat((self.qrange, enabled.reshape(1)))
+
+
+class LearnedStepFakeQuantize(FakeQuantize):
+    """FakeQuantize with a gradient for the scale too: the step size of LSQ (Esser et al. 2020, "Learned Step Size
+    Quantization"). With v = x / scale, the output (clamp(round(v) + zp, qmin, qmax) - zp) * scale has the
+    straight-through derivative round(v) - v inside the range, qmin - zp or qmax - zp where clamped; LSQ scales the
+    scale's gradient by 1 / sqrt(n * qmax), n the number of values sharing one scale, so that step sizes learn at
+    the pace of the weights. The gradient for x is FakeQuantize's; the zero point gets none (it stays where the
+    observer left it). Ops only: the scale's gradient needs x / scale, which the CPU kernels do not keep.
+    `scale` is a scalar (per tensor) or has x's rank with 1 on every axis but the channels' (per channel).
+    """
+
+    def __init__(self, qmin, qmax, channel_axis=None):
+        super().__init__(qmin, qmax, channel_axis)
+        self.use_mindspore_ops()
+
+    def bprop(self, x, scale, zero_point, enabled, out, dout):
+        v = x / scale
+        q = ops.round(v) + zero_point
+        below = (q < self.qmin).astype(dout.dtype)
+        above = (q > self.qmax).astype(dout.dtype)
+        inside = 1.0 - below - above
+        dx = dout * (inside * enabled + (1.0 - enabled))
+        dq_dscale = inside * (ops.round(v) - v) + below * (self.qmin - zero_point) + above * (self.qmax - zero_point)
+        per_channel = scale.ndim > 0
+        axes = tuple([a for a in range(x.ndim) if not per_channel or scale.shape[a] == 1])
+        dscale = ops.reduce_sum(dout * dq_dscale, axes).reshape(scale.shape)
+        dscale = dscale * enabled * (x.size // scale.size * self.qmax) ** -0.5
+        return dx, dscale, ops.zeros_like(zero_point), ops.zeros_like(enabled)

@@ -43,7 +43,7 @@ class _IntegerLayer:
         codes, input_scale, input_zero_point = x
         weight_codes, weight_scale, bias = self.deployed_weights(input_scale)
         product = integer.accumulate(product, codes - input_zero_point, weight_codes, self.weight_digits)
-        scale, zero_point = self.output_quant.observer.qparams()
+        scale, zero_point = self.output_quant.qparams()
         multiplier = input_scale * weight_scale / scale
         if self.requantize_kernel is not None:
             codes = self.requantize_kernel(product, bias, multiplier, zero_point.reshape(1))
@@ -147,7 +147,7 @@ class QuantAdd(Add):
 
     def construct(self, x, y):
         if not self.training and self.integer_inference:
-            scale, zero_point = self.output_quant.observer.qparams()
+            scale, zero_point = self.output_quant.qparams()
             constants = integer.add_constants(x, y, scale, zero_point)
             if self.add_kernel is not None:
                 return self.add_kernel(x[0], y[0], constants), scale, zero_point

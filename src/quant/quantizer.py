@@ -1,17 +1,20 @@
-"""A quantizer is an observer plus the fake-quantizer that rounds with the observer's range.
+"""A quantizer is an observer plus the fake-quantizer that rounds with the observer's range (`Quantizer`), or
+with a step size learned from the observer's range on (`LearnedStepQuantizer`, LSQ).
 
-`QuantConfig` says how many bits and how ranges are tracked; `activation_quantizer` and `weight_quantizer` build
-the two kinds the network uses: per-tensor asymmetric unsigned for activations, per-channel symmetric signed
-(narrow range) for weights.
+`QuantConfig` says how many bits, how ranges are tracked and which quantizer; `activation_quantizer` and
+`weight_quantizer` build the two kinds the network uses: per-tensor asymmetric unsigned for activations,
+per-channel symmetric signed (narrow range) for weights.
 """
 from dataclasses import dataclass
 from typing import Optional
 
-from mindspore import nn, ops
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
 
 from src.layers import channel_affine_act
-from src.quant.fake_quant import FakeQuantize, quant_range
-from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver, switch_parameter
+from src.quant.fake_quant import FakeQuantize, LearnedStepFakeQuantize, quant_range
+from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver, SCALE_EPS, switch_parameter
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,9 @@ class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
     ema_decay: float = 0.999
+    # "minmax": scales from the observed ranges throughout; "lsq": from the observed ranges until the observers
+    # freeze, then learned (LearnedStepQuantizer).
+    quantizer: str = "minmax"
     # Communication group over which activation ranges are agreed in data-parallel training (None: no sync).
     sync_group: Optional[str] = None
 
@@ -28,21 +34,31 @@ class Quantizer(nn.Cell):
     [qmin, qmax] is decided here and handed to the observer (`make_observer(qmin, qmax)`) and the fake-quantizer;
     `channel_axis` is the axis of the observer's per-channel ranges (None: one range for the tensor)."""
 
+    fake_quant_class = FakeQuantize
+
     def __init__(self, qmin, qmax, make_observer, channel_axis=None):
         super().__init__()
         self.qmin, self.qmax = qmin, qmax
         self.observer = make_observer(qmin, qmax)
-        self.fake_quant = FakeQuantize(qmin, qmax, channel_axis)
+        self.fake_quant = self.fake_quant_class(qmin, qmax, channel_axis)
         self.quant_enabled = switch_parameter("quant_enabled", 1.0)
 
     def construct(self, x):
-        scale, zero_point = self.observer(x)
+        scale, zero_point = self.observe(x)
         return self.fake_quant(x, scale, zero_point, self.quant_enabled)
+
+    def observe(self, x):
+        """(scale, zero_point) for x, the observer moved first by x (in training, or for weights, while enabled)."""
+        return self.observer(x)
+
+    def qparams(self):
+        """(scale, zero_point) as they stand: what integer inference and the exported model use."""
+        return self.observer.qparams()
 
     def codes(self, x):
         """x as integer codes in [qmin, qmax] (held in float32) and their scale: a weight as the deployed model
         stores it (the observer takes x's own range, unless it is frozen)."""
-        scale, zero_point = self.observer(x)
+        scale, zero_point = self.observe(x)
         return self.fake_quant.quantize(x, scale, zero_point), scale
 
     def affine_act(self, y, a, b, activation, channel_extremes):
@@ -53,10 +69,51 @@ class Quantizer(nn.Cell):
         if self.training:
             scale, zero_point = self.observer.observe_range(affine_act_range(channel_extremes, a, b, activation))
         else:
-            scale, zero_point = self.observer.qparams()
+            scale, zero_point = self.qparams()
         if self.fake_quant.affine_act_kernel is not None:
             return self.fake_quant.affine_act(y, a, b, activation, scale, zero_point, self.quant_enabled)
         return self.fake_quant(channel_affine_act(y, a, b, activation), scale, zero_point, self.quant_enabled)
+
+
+class LearnedStepQuantizer(Quantizer):
+    """LSQ: a Quantizer whose scale, once `learned` is 1, is a trained Parameter, `step_size` (a scalar, or one per
+    channel), with LSQ's gradient (LearnedStepFakeQuantize). Until then the observer's range gives the scale, as in
+    Quantizer, and `step_size` gets no gradient; `take_over_from_observer` (the schedule calls it when the observers
+    freeze) starts it from the observed scale. The zero point stays the frozen observer's. Scales are scales:
+    integer inference and export take `qparams` as they take a Quantizer's."""
+
+    fake_quant_class = LearnedStepFakeQuantize
+
+    def __init__(self, qmin, qmax, make_observer, channel_axis=None):
+        super().__init__(qmin, qmax, make_observer, channel_axis)
+        observed_scale, _ = self.observer.qparams()
+        self.step_size = Parameter(Tensor(np.ones(observed_scale.shape, np.float32)), name="step_size")
+        self.learned = switch_parameter("learned", 0.0)
+
+    def observe(self, x):
+        observed_scale, zero_point = self.observer(x)
+        return self._scale(observed_scale), zero_point
+
+    def qparams(self):
+        observed_scale, zero_point = self.observer.qparams()
+        return self._scale(observed_scale), zero_point
+
+    def _scale(self, observed_scale):
+        # A blend, not a branch (the switch is a tensor): exactly one side for `learned` in {0, 1}.
+        learned = self.learned
+        return learned * ops.maximum(self.step_size, SCALE_EPS) + (1.0 - learned) * observed_scale
+
+    def affine_act(self, y, a, b, activation, channel_extremes):
+        # The scale's gradient needs act(a * y + b) itself: computed with ops, then quantized as any tensor.
+        z = channel_affine_act(y, a, b, activation)
+        scale, zero_point = self.observe(z)
+        return self.fake_quant(z, scale, zero_point, self.quant_enabled)
+
+    def take_over_from_observer(self):
+        """Start learning the step size from the observer's current scale (once: a learned one is kept)."""
+        if self.learned.asnumpy() == 0:
+            self.step_size.set_data(self.observer.qparams()[0].astype(ms.float32))
+            self.learned.set_data(Tensor(1.0, ms.float32))
 
 
 def affine_act_range(channel_extremes, a, b, activation):
@@ -69,13 +126,22 @@ def affine_act_range(channel_extremes, a, b, activation):
     return ops.stack([ops.reduce_min(ends), ops.reduce_max(ends)])
 
 
+QUANTIZERS = {"minmax": Quantizer, "lsq": LearnedStepQuantizer}
+
+
+def _quantizer_class(config):
+    if config.quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {', '.join(QUANTIZERS)}, got {config.quantizer!r}")
+    return QUANTIZERS[config.quantizer]
+
+
 def activation_quantizer(config):
     qmin, qmax = quant_range(config.act_bits, signed=False)
-    return Quantizer(qmin, qmax, lambda low, high: MovingAverageMinMaxObserver(low, high, config.ema_decay,
-                                                                               config.sync_group))
+    return _quantizer_class(config)(qmin, qmax, lambda low, high: MovingAverageMinMaxObserver(
+        low, high, config.ema_decay, config.sync_group))
 
 
 def weight_quantizer(config, shape, channel_axis=0):
     qmin, qmax = quant_range(config.weight_bits, signed=True, narrow_range=True)
-    return Quantizer(qmin, qmax, lambda low, high: PerChannelAbsMaxObserver(low, high, shape, channel_axis),
-                     channel_axis % len(shape))
+    return _quantizer_class(config)(qmin, qmax, lambda low, high: PerChannelAbsMaxObserver(
+        low, high, shape, channel_axis), channel_axis % len(shape))

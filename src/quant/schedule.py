@@ -1,4 +1,5 @@
-"""The quantization schedule: when rounding starts, when BN statistics and observer ranges stop moving.
+"""The quantization schedule: when rounding starts, when BN statistics and observer ranges stop moving (and LSQ's
+step sizes start to learn, from the ranges observed until then).
 
 The switches are 0/1 Parameters inside the layers (saved in checkpoints, so a resumed run continues in the
 same state); `QuantSchedule.apply` sets them from the global step, on the host, between training steps.
@@ -10,7 +11,7 @@ from mindspore import Tensor
 
 from src.quant.layers import QuantConvBNAct
 from src.quant.observers import Observer
-from src.quant.quantizer import Quantizer
+from src.quant.quantizer import LearnedStepQuantizer, Quantizer
 
 NEVER = 2 ** 62
 
@@ -28,7 +29,7 @@ class QuantSchedule:
     """Steps from which each switch flips; `NEVER` leaves it as it is at the start of training."""
     quant_delay: int = 0          # before this step observers watch but nothing is rounded
     freeze_bn: int = NEVER        # from this step BN uses (and keeps) its running statistics
-    freeze_observer: int = NEVER  # from this step quantization ranges stay fixed
+    freeze_observer: int = NEVER  # from this step quantization ranges stay fixed (LSQ: step sizes are learned)
 
     def state(self, step):
         return (step >= self.quant_delay, step >= self.freeze_bn, step < self.freeze_observer)
@@ -45,6 +46,10 @@ class QuantSchedule:
         set_switches(network, Quantizer, "quant_enabled", quantize)
         set_switches(network, QuantConvBNAct, "bn_frozen", bn_frozen)
         set_switches(network, Observer, "enabled", observing)
+        if not observing:
+            for _, cell in network.cells_and_names():
+                if isinstance(cell, LearnedStepQuantizer):
+                    cell.take_over_from_observer()
         self._applied = state
         return state
 
