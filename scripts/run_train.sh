@@ -15,6 +15,11 @@ e.g.
   bash run_train.sh Ascend ~/hccl_8p.json ~/imagenet/train/ ~/mobilenetV2_float.ckpt
   bash run_train.sh GPU 0,1,2,3 ~/imagenet/train/ ~/mobilenetV2_float.ckpt
   bash run_train.sh CPU 2 ~/imagenet/train/ ~/mobilenetV2_float.ckpt
+Several machines (nodes): run the same command on each, with NODE_NUM (nodes), NODE_RANK (this node, 0 to
+NODE_NUM - 1), MASTER_ADDR (node 0's address) and MASTER_PORT (default 8118) set; DEVICE_ID_LIST and WORKER_NUM
+are this node's, an Ascend RANK_TABLE_FILE spans all servers (this node runs its share of its devices):
+  NODE_NUM=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run_train.sh GPU 0,1,2,3,4,5,6,7 ~/imagenet/train/ ~/float.ckpt
+  NODE_NUM=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash run_train.sh GPU 0,1,2,3,4,5,6,7 ~/imagenet/train/ ~/float.ckpt
 USAGE
   exit 1
 }
@@ -27,7 +32,7 @@ case "$TARGET" in
     [ $# -ge 2 ] || usage
     RANK_TABLE=$(realpath "$1"); shift
     [ -f "$RANK_TABLE" ] || { echo "error: rank table not found: $RANK_TABLE"; usage; }
-    WORKERS=$(grep -c '"device_id"' "$RANK_TABLE")
+    WORKERS=$(( $(grep -c '"device_id"' "$RANK_TABLE") / ${NODE_NUM:-1} ))  # the table lists every server's
     LAUNCH_EXTRA=(--rank_table_file "$RANK_TABLE")
     ;;
   GPU)
@@ -57,12 +62,19 @@ if [ $# -ge 1 ] && [[ "$1" != --* ]]; then
 fi
 
 mkdir -p train
-if [ "$WORKERS" -eq 1 ]; then
+NODE_NUM=${NODE_NUM:-1}
+[[ "$NODE_NUM" =~ ^[1-9][0-9]*$ ]] || { echo "error: NODE_NUM must be a positive number, got '$NODE_NUM'"; usage; }
+if [ "$NODE_NUM" -gt 1 ]; then
+  [ -n "${NODE_RANK:-}" ] && [ -n "${MASTER_ADDR:-}" ] || { echo "error: NODE_NUM=$NODE_NUM needs NODE_RANK and MASTER_ADDR"; usage; }
+  LAUNCH_EXTRA+=(--local_worker_num "$WORKERS" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+fi
+LAUNCH_EXTRA+=(--master_port "${MASTER_PORT:-8118}")
+if [ "$WORKERS" -eq 1 ] && [ "$NODE_NUM" -eq 1 ]; then
   echo "training on 1 $TARGET process; log: $PWD/train/train.log"
   python "$ROOT/train.py" "${ARGS[@]}" "$@" > train/train.log 2>&1
 else
-  echo "training on $WORKERS $TARGET processes; logs: $PWD/train/log/worker_<rank>.log"
-  python "$ROOT/src/launch.py" --worker_num "$WORKERS" --log_dir "$PWD/train/log" "${LAUNCH_EXTRA[@]}" \
+  echo "training on $WORKERS $TARGET processes of $((WORKERS * NODE_NUM)); logs: $PWD/train/log/worker_<rank>.log"
+  python "$ROOT/src/launch.py" --worker_num "$((WORKERS * NODE_NUM))" --log_dir "$PWD/train/log" "${LAUNCH_EXTRA[@]}" \
     "$ROOT/train.py" --run_distribute True "${ARGS[@]}" "$@" > train/launch.log 2>&1
 fi
 echo "checkpoints: $PWD/train/checkpoint"

@@ -1,4 +1,5 @@
-"""Data parallel on this machine's CPU: 2 worker processes started by msrun (src/launch.py) on loopback."""
+"""Data parallel on this machine's CPU through msrun (src/launch.py) on loopback: 2 ranks as two nodes of one
+worker each (the multi-node launch), and 2 ranks on one node through run_train.sh."""
 import os
 import subprocess
 import sys
@@ -19,17 +20,40 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _second_machine(folder):
+    """A Python whose msrun takes every address for another machine's, as msrun on node 1 of two machines does
+    with node 0's: on one machine both msruns would take 127.0.0.1 for their own and each start a scheduler.
+    A `python` (this one) with such an `msrun` beside it, which src/launch.py then uses."""
+    folder.mkdir()
+    python = folder / "python"
+    python.symlink_to(sys.executable)
+    msrun = folder / "msrun"
+    msrun.write_text(f"#!{sys.executable}\nimport sys\nfrom mindspore.parallel.cluster.process_entity import _api\n"
+                     "_api._is_local_ip = lambda address: False\n"
+                     "from mindspore.parallel.cluster.run import main\nsys.exit(main())\n")
+    msrun.chmod(0o755)
+    return str(python)
+
+
 @pytest.fixture(scope="module")
 def dp_run(float_checkpoint, tmp_path_factory):
-    """The worker's outputs: one process on the global batch, then 2 ranks through msrun."""
-    out = str(tmp_path_factory.mktemp("dp"))
-    subprocess.run([sys.executable, WORKER, "--out", out, "--single", "--pre_trained", float_checkpoint],
+    """The worker's outputs: one process on the global batch, then 2 ranks launched as two nodes (two launches,
+    node_rank 0 and 1, one local worker each, the master at node 0 on loopback; node 1 as on another machine)."""
+    out = tmp_path_factory.mktemp("dp")
+    subprocess.run([sys.executable, WORKER, "--out", str(out), "--single", "--pre_trained", float_checkpoint],
                    check=True, capture_output=True)
-    launched = subprocess.run([sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2",
-                               "--master_port", str(_free_port()), "--log_dir", os.path.join(out, "log"), WORKER,
-                               "--out", out, "--pre_trained", float_checkpoint], capture_output=True, text=True)
-    assert launched.returncode == 0, launched.stdout[-3000:]
-    return out
+    port = str(_free_port())
+    nodes = [subprocess.Popen([python, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2",
+                               "--local_worker_num", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+                               "--master_port", port, "--log_dir", str(out / f"log_node{node}"), WORKER,
+                               "--out", str(out), "--pre_trained", float_checkpoint],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node, python in enumerate([sys.executable, _second_machine(out / "node1")])]
+    for node, launched in enumerate(nodes):
+        output, _ = launched.communicate(timeout=1200)
+        assert launched.returncode == 0, f"node {node}: {output[-3000:]}"
+    assert os.listdir(out / "log_node1") == ["worker_1.log"]  # node 1 ran its worker, and no scheduler
+    return str(out)
 
 
 def test_two_ranks_match_each_other_and_one_process_on_the_global_batch(dp_run):
@@ -78,6 +102,22 @@ def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, float_run
                            cwd=tmp_path, capture_output=True, text=True)
     assert usage.returncode != 0 and "DEVICE_ID_LIST must look like 0,1,2,3" in usage.stdout
     assert "bash run_train.sh [GPU] [DEVICE_ID_LIST]" in usage.stdout
+    half_given = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "CPU", "1", train_path],
+                                cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, NODE_NUM="2"))
+    assert half_given.returncode != 0 and "NODE_NUM=2 needs NODE_RANK and MASTER_ADDR" in half_given.stdout
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("flags,message", [
+    (["--local_worker_num", "3"], "--local_worker_num must be between 1 and --worker_num (2), got 3"),
+    (["--local_worker_num", "1", "--node_rank", "2"],
+     "--node_rank must be between 0 and 1 (2 workers, 1 on each node), got 2")])
+def test_launch_refuses_a_node_layout_that_cannot_be(flags, message, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("")
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2", *flags,
+                              str(script)], capture_output=True, text=True)
+    assert refused.returncode == 2 and message in refused.stderr
 
 
 @pytest.mark.quick
