@@ -50,7 +50,7 @@ def _median_rate(run, items, warmup, repeats):
     return items / median, median
 
 
-def _cpu():
+def cpu_info():
     """The CPU's model name and the instruction-set extensions that decide our kernels' and ONNX Runtime's paths."""
     model, flags = "unknown", set()
     try:
@@ -221,7 +221,7 @@ def main():
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
-    results = {"machine": {"cpus": os.cpu_count(), "cpu": _cpu(), "device_target": args.device_target},
+    results = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_info(), "device_target": args.device_target},
                "batch_size": args.batch_size}
     for part in parts:
         print(f"running {part} ...", flush=True)

@@ -1,0 +1,79 @@
+"""Low-bit accuracy on the embedded demo data: for each bit plan (weights/activations), PTQ (calibration only), QAT
+with min/max ranges and QAT with learned step sizes (LSQ), all from one float checkpoint, evaluated by integer
+inference; the LSQ model is exported to INT8 ONNX and its parity with the checkpoint measured. Prints a table and
+writes the figures, with the CPU and the date, as JSON.
+
+    python benchmarks/low_bit.py [--output_path ./low_bit_run] [--bits 4/8,4/4] [--float_checkpoint F]
+The float checkpoint, when not given, is trained as demo.py trains it.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import eval as evaluate_script  # noqa: E402
+import export as export_script  # noqa: E402
+import train as train_script  # noqa: E402
+from benchmarks.benchmark import cpu_info  # noqa: E402
+from demo import DEMO_CONFIG, run  # noqa: E402
+from src.demo_data import generate  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_path", default="./low_bit_run")
+    parser.add_argument("--bits", default="4/8,4/4", help="weight/activation bits, comma-separated")
+    parser.add_argument("--float_checkpoint", default=None)
+    parser.add_argument("--float_epochs", type=int, default=20)
+    parser.add_argument("--qat_epochs", type=int, default=5)
+    parser.add_argument("--qat_lr", type=float, default=0.005, help="constant QAT learning rate")
+    parser.add_argument("--lsq_observer_epochs", type=int, default=1,
+                        help="LSQ: epochs of observed ranges before the step sizes are learned")
+    args = parser.parse_args()
+    start = time.time()
+    train_path, val_path = generate(os.path.join(args.output_path, "data"))
+    float_ckpt = args.float_checkpoint or run(train_script, [
+        "--mode", "float", "--dataset_path", train_path, *DEMO_CONFIG, "--warmup_epochs", "2", "--lr", "0.05",
+        "--start_epoch", "0", "--epoch_size", str(args.float_epochs), "--keep_checkpoint_max", "1",
+        "--save_checkpoint_path", os.path.join(args.output_path, "float")])
+    evaluate = lambda path, *extra: run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", path,
+                                                          *DEMO_CONFIG, *extra])
+    results = {"cpu": cpu_info(), "date": datetime.date.today().isoformat(), "qat_epochs": args.qat_epochs,
+               "qat_lr": args.qat_lr, "float": evaluate(float_ckpt)["acc"], "plans": {}}
+    qat = ["--dataset_path", train_path, "--pre_trained", float_ckpt, *DEMO_CONFIG, "--start_epoch", "0",
+           "--epoch_size", str(args.qat_epochs), "--lr", str(args.qat_lr), "--lr_end", str(args.qat_lr),
+           "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1), "--keep_checkpoint_max", "1"]
+    for plan in args.bits.split(","):
+        weight_bits, act_bits = plan.split("/")
+        bits = ["--weight_bits", weight_bits, "--act_bits", act_bits]
+        folder = os.path.join(args.output_path, f"w{weight_bits}a{act_bits}")
+        ptq = run(train_script, ["--mode", "ptq", "--dataset_path", train_path, "--pre_trained", float_ckpt,
+                                 *DEMO_CONFIG, *bits, "--calibration_batches", "10",
+                                 "--save_checkpoint_path", os.path.join(folder, "ptq")])
+        minmax = run(train_script, [*qat, *bits, "--freeze_observer_epochs", str(args.qat_epochs - 1),
+                                    "--save_checkpoint_path", os.path.join(folder, "qat_minmax")])
+        lsq = run(train_script, [*qat, *bits, "--quantizer", "lsq",
+                                 "--freeze_observer_epochs", str(args.lsq_observer_epochs),
+                                 "--save_checkpoint_path", os.path.join(folder, "qat_lsq")])
+        onnx_model = run(export_script, ["--ckpt_file", lsq, "--file_format", "ONNX", *DEMO_CONFIG,
+                                         "--file_name", os.path.join(folder, "lsq_int8")])
+        parity = evaluate(lsq, "--parity_with", onnx_model)
+        results["plans"][plan] = {"ptq": evaluate(ptq)["acc"], "qat_minmax": evaluate(minmax)["acc"],
+                                  "qat_lsq": parity["acc_a"], "lsq_onnx_logit_steps": parity["max_logit_diff_steps"]}
+    results["minutes"] = round((time.time() - start) / 60, 1)
+    with open(os.path.join(args.output_path, "low_bit.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\n{results['cpu']['model']} ({', '.join(results['cpu']['extensions'])}), {results['date']}; float "
+          f"{100 * results['float']:.2f}%")
+    print("| bits (w/a) | PTQ | QAT minmax | QAT LSQ | LSQ vs ONNX (logit steps) |\n|---|---|---|---|---|")
+    for plan, r in results["plans"].items():
+        print(f"| {plan} | {100 * r['ptq']:.2f}% | {100 * r['qat_minmax']:.2f}% | {100 * r['qat_lsq']:.2f}% | "
+              f"{r['lsq_onnx_logit_steps']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
