@@ -72,8 +72,9 @@ class MobileNetV2(nn.Cell):
     def construct(self, x):
         if self.integer_inference and not self.training:
             # The deployed integer model: activations travel as (codes, scale, zero point) from here on.
-            x = self.features(integer.quantize(x, *self.input_quant.qparams()))
-            return self.classifier(integer.global_average_pool(x, *self.pool_quant.qparams()))
+            x = self.features(self.input_quant.clamp_codes(integer.quantize(x, *self.input_quant.qparams())))
+            pooled = self.pool_quant.clamp_codes(integer.global_average_pool(x, *self.pool_quant.qparams()))
+            return self.classifier(pooled)
         x = self.features(self.input_quant(x))
         x = self.pool_quant(ops.mean(x, (2, 3)))
         return self.classifier(x)

@@ -6,9 +6,12 @@ convolution, the residual adds and the pooling, with
   - weights and biases: each layer's `deployed_weights`, the constants its integer inference computes with: the
     BN-folded weights (running statistics) rounded to int8 with the weight quantizer's per-channel scales (7- or
     8-bit values, zero point 0), the folded bias in int32 at scale input_scale * weight_scale;
-  - activations: uint8 with the scales and zero points the observers learned in training.
-ONNX Runtime's QDQ fusion turns Q -> DQ -> Conv -> (Clip) -> Q into QLinearConv, Add into QLinearAdd and the
-pooling into QLinearGlobalAveragePool. The classifier is written as a 1x1 convolution on the pooled (N, C, 1, 1)
+  - activations: uint8 with the scales and zero points of training's quantizers; where a quantizer's codes are
+    bounded more narrowly than uint8 (fewer than 8 bits; ReLU6, whose 6 may lie below the range's top), an
+    integer Clip of the codes follows the QuantizeLinear: ReLU6 is a clamp of codes, never a float Clip, so
+    nothing stays in float.
+ONNX Runtime's QDQ fusion turns Q -> DQ -> Conv -> Q into QLinearConv, Add into QLinearAdd and the pooling into
+QLinearGlobalAveragePool. The classifier is written as a 1x1 convolution on the pooled (N, C, 1, 1)
 tensor: the same arithmetic as the dense layer, and it keeps the whole network in integer kernels.
 
 `export_onnx` mirrors MobileNetV2.construct; a change of the architecture changes both. Inference of the quantized
@@ -56,13 +59,18 @@ def _numpy(tensor):
     return tensor.asnumpy() if hasattr(tensor, "asnumpy") else np.asarray(tensor)
 
 
-def _quantize_activation(graph, x, quantizer, hint):
-    """QuantizeLinear then DequantizeLinear with the quantizer's learned per-tensor range."""
+def _quantize_activation(graph, x, quantizer, hint, relu6=False):
+    """QuantizeLinear, an integer Clip of the uint8 codes where the quantizer's code bounds are narrower than
+    [0, 255] (fewer bits; ReLU6 below the range's top: `relu6`), then DequantizeLinear."""
     scale, zero_point = (_numpy(t) for t in quantizer.qparams())
     scale = np.float32(scale)
     zero_point = np.uint8(zero_point)
     scale_name, zp_name = graph.const(f"{hint}_scale", scale), graph.const(f"{hint}_zero_point", zero_point)
     q = graph.op("QuantizeLinear", [x, scale_name, zp_name], f"{hint}_q")
+    lowest, highest = (np.uint8(_numpy(bound)) for bound in quantizer.code_bounds(relu6))
+    if (lowest, highest) != (0, 255):
+        q = graph.op("Clip", [q, graph.const(f"{hint}_code_min", lowest), graph.const(f"{hint}_code_max", highest)],
+                     f"{hint}_code_clip")
     return _Activation(graph.op("DequantizeLinear", [q, scale_name, zp_name], f"{hint}_dq"), scale, zero_point)
 
 
@@ -84,11 +92,8 @@ def _conv(graph, x, layer, hint, activation=False, stride=1, padding=0, groups=1
     kernel = list(q_weight.shape[2:])
     y = graph.op("Conv", [x.name, w, b], f"{hint}_conv", kernel_shape=kernel, strides=[stride, stride],
                  pads=[padding] * 4, group=groups)
-    if activation:
-        # ReLU6; the uint8 range that follows lies within [0, 6], so ONNX Runtime folds this Clip into it.
-        y = graph.op("Clip", [y, graph.const(f"{hint}_min", np.float32(0)), graph.const(f"{hint}_max", np.float32(6))],
-                     f"{hint}_relu6")
-    return _quantize_activation(graph, y, layer.output_quant, hint)
+    # ReLU6 is a clamp of the output codes (the quantizer's code_bounds), so the convolution stays integer.
+    return _quantize_activation(graph, y, layer.output_quant, hint, relu6=activation)
 
 
 def _conv_bn_act(graph, x, layer, hint):

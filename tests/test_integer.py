@@ -89,8 +89,9 @@ def random_codes(shape):
     return rng.integers(0, 256, shape).astype(np.uint8)
 
 
-def conv_layer(cin, cout, kernel, stride, groups, activation, bits):
-    layer = QuantConvBNAct(cin, cout, kernel, stride, groups, activation, config=QuantConfig(weight_bits=bits))
+def conv_layer(cin, cout, kernel, stride, groups, activation, bits, act_bits=8):
+    layer = QuantConvBNAct(cin, cout, kernel, stride, groups, activation,
+                           config=QuantConfig(weight_bits=bits, act_bits=act_bits))
     for name, value in (("gamma", rng.uniform(0.5, 2, cout)), ("beta", rng.normal(0, 1, cout)),
                         ("moving_mean", rng.normal(0, 1, cout)), ("moving_variance", rng.uniform(0.5, 3, cout))):
         getattr(layer, name).set_data(Tensor(value.astype(f32)))
@@ -142,6 +143,24 @@ def test_convolution_gives_qlinearconv_codes(kind, bits, path):
     assert layer.weight_digits == (kind == "wide_project" and bits == 8)
     assert np.mean((theirs > 0) & (theirs < 255)) > 0.2  # not saturated (ReLU6 puts about half at 0)
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("path", PATHS)
+def test_low_bit_codes_are_clamped_as_training_clamps_them(path):
+    """4-bit activations after ReLU6, with a range whose top (12) lies above 6: QLinearConv's uint8 codes clamped
+    to [code of 0, code of 6] = [0, round(6 / (12 / 15))] = [0, 8] (half to even), as fake quantization clamps
+    relu6's output; without ReLU6, to [0, 15]."""
+    cin, cout, kernel, stride, groups, _ = CONVS["expand"]
+    for activation, bounds in ((True, (0, 8)), (False, (0, 15))):
+        layer = on_path(conv_layer(cin, cout, kernel, stride, groups, activation, bits=7, act_bits=4), path)
+        set_range(layer.output_quant, 0.0, 12.0)
+        assert tuple(float(b) for b in layer.output_quant.code_bounds(activation)) == bounds
+        codes, scale = random_codes((2, cin, 9, 9)), f32(0.05)
+        ours = run_deployed(layer, (codes, scale, 0))
+        theirs = ort_conv(layer, codes, scale, 0, *[t.asnumpy() for t in layer.deployed_weights(Tensor(scale))])
+        assert theirs.max() > bounds[1]  # the clamp binds
+        np.testing.assert_array_equal(ours, np.clip(theirs, *bounds))
 
 
 @pytest.mark.quick
@@ -280,3 +299,30 @@ def test_8bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
     parity = evaluate_learned(ptq, val_path, "--parity_with", onnx_model)
     assert parity["acc_a"] > 0.9  # a network that has learned, so its logits differ from image to image
     assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0
+
+
+def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tmp_path):
+    """4-bit weights and activations end to end: PTQ of the learned float network, INT8 ONNX export (4-bit codes in
+    int8/uint8, the activations' code bounds as integer Clips of the codes), the checkpoint's integer inference
+    against ONNX Runtime's, image for image, and every convolution on ORT's integer kernels."""
+    import collections
+    import onnx
+    import export as export_script
+    import train as train_script
+    train_path, val_path = learning_data
+    bits = learned_argv(weight_bits=4, act_bits=4)
+    ptq = train_script.main(["--mode", "ptq", "--pre_trained", learned_float, "--dataset_path", train_path, *bits,
+                             "--calibration_batches", "4", "--save_checkpoint_path", str(tmp_path / "ptq")])
+    onnx_model = export_script.main(["--ckpt_file", ptq, "--file_format", "ONNX", *bits,
+                                     "--file_name", str(tmp_path / "w4a4")])
+    parity = evaluate_learned(ptq, val_path, "--parity_with", onnx_model)
+    assert parity["acc_a"] > 0.5  # logits that differ from image to image
+    assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0
+    graph = onnx.load(onnx_model).graph
+    clips = [node for node in graph.node if node.op_type == "Clip"]
+    assert len(clips) == sum(node.op_type == "QuantizeLinear" for node in graph.node)  # every activation: 4 bits
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+    fused = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    assert fused["QLinearConv"] == 53 and fused["Conv"] == 0

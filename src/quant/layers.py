@@ -36,10 +36,10 @@ class _IntegerLayer:
         scale = scale.reshape(-1)
         return codes, scale, integer.bias_codes(bias, input_scale * scale)
 
-    def integer_forward(self, product, x):
+    def integer_forward(self, product, x, relu6=False):
         """The layer as the exported model computes it, on x = (codes, scale, zero_point): `product` (the layer's
         convolution or matrix product) of the centred codes and the weight codes, requantized into the output
-        quantizer's range."""
+        quantizer's range, then clamped to its code bounds (`relu6`: a ReLU6 before it)."""
         codes, input_scale, input_zero_point = x
         weight_codes, weight_scale, bias = self.deployed_weights(input_scale)
         product = integer.accumulate(product, codes - input_zero_point, weight_codes, self.weight_digits)
@@ -49,7 +49,7 @@ class _IntegerLayer:
             codes = self.requantize_kernel(product, bias, multiplier, zero_point.reshape(1))
         else:
             codes = integer.requantize(product, bias, multiplier, zero_point)
-        return codes, scale, zero_point
+        return self.output_quant.clamp_codes((codes, scale, zero_point), relu6)
 
 
 class QuantConvBNAct(ConvBNAct, _IntegerLayer):
@@ -93,7 +93,7 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
 
     def construct(self, x):
         if not self.training and self.integer_inference:
-            return self.integer_forward(self.conv, x)
+            return self.integer_forward(self.conv, x, self.activation)
         fold_scale, folded_bias = self.running_affine()
         folded_weight = self.weight * fold_scale.reshape(-1, 1, 1, 1)
         y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
@@ -150,8 +150,10 @@ class QuantAdd(Add):
             scale, zero_point = self.output_quant.qparams()
             constants = integer.add_constants(x, y, scale, zero_point)
             if self.add_kernel is not None:
-                return self.add_kernel(x[0], y[0], constants), scale, zero_point
-            return integer.add(x[0], y[0], constants), scale, zero_point
+                codes = self.add_kernel(x[0], y[0], constants)
+            else:
+                codes = integer.add(x[0], y[0], constants)
+            return self.output_quant.clamp_codes((codes, scale, zero_point))
         return self.output_quant(x + y)
 
 
