@@ -32,12 +32,14 @@ def reference_lsq(x, scale, zero_point, qmin, qmax, upstream, channel_axis=None)
 
 
 class _WeightedSum(nn.Cell):
-    def __init__(self, quantize, upstream):
-        super().__init__()
-        self.quantize, self.upstream = quantize, Tensor(upstream)
+    """sum(cell(*inputs) * upstream): its gradient for the cell's output is `upstream`."""
 
-    def construct(self, x, scale, zero_point, enabled):
-        return (self.quantize(x, scale, zero_point, enabled) * self.upstream).sum()
+    def __init__(self, cell, upstream):
+        super().__init__()
+        self.cell, self.upstream = cell, Tensor(upstream)
+
+    def construct(self, *inputs):
+        return (self.cell(*inputs) * self.upstream).sum()
 
 
 @pytest.mark.quick
@@ -68,17 +70,6 @@ def test_learned_step_gradient_is_lsqs(per_channel):
     np.testing.assert_array_equal(dscale.asnumpy(), np.zeros(np.shape(scale), f32))
 
 
-class _QuantizerLoss(nn.Cell):
-    """sum(quantizer(x) * upstream): its gradient for the quantizer's output is `upstream`."""
-
-    def __init__(self, quantizer, upstream):
-        super().__init__()
-        self.quantizer, self.upstream = quantizer, Tensor(upstream)
-
-    def construct(self, x):
-        return (self.quantizer(x) * self.upstream).sum()
-
-
 def _switches(quantizer):
     return quantizer.learned.asnumpy().item(), quantizer.observer.enabled.asnumpy().item()
 
@@ -95,7 +86,7 @@ def test_step_size_takes_over_from_the_observer_once_then_the_optimizer_trains_i
         quantizer, axis = activation_quantizer(LSQ), None
     assert isinstance(quantizer, LearnedStepQuantizer)
     upstream = rng.normal(size=x.shape).astype(f32)
-    train = nn.TrainOneStepCell(_QuantizerLoss(quantizer, upstream),
+    train = nn.TrainOneStepCell(_WeightedSum(quantizer, upstream),
                                 nn.SGD([quantizer.step_size], learning_rate=LR))
     train.set_train(True)
     schedule = QuantSchedule(quant_delay=0, freeze_observer=2)
