@@ -6,6 +6,7 @@ post-training quantization (calibration only, the baseline QAT is measured again
     python train.py --mode ptq --dataset_path ~/imagenet/train --pre_trained mobilenetV2_float.ckpt
 Any config key (src/config.py) can be overridden: --batch_size 64 --lr 0.05 ...
 """
+import os
 import sys
 
 import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
@@ -40,9 +41,15 @@ def add_args(parser):
 
 def init_data_parallel():
     """Join the collective group msrun set up; gradients are averaged over ranks, activation ranges and BN
-    statistics agreed. Returns (rank, group size, communication group)."""
+    statistics agreed. On CPU, MindSpore's kernels get the rank's thread budget, OMP_NUM_THREADS (src/launch.py
+    sets it). Returns (rank, group size, communication group)."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if ms.get_context("device_target") == "CPU" and threads:
+        ms.device_context.cpu.op_tuning.threads_num(int(threads))
     init()
     rank, group_size = get_rank(), get_group_size()
+    if threads:
+        print(f"rank {rank} of {group_size}: {threads} CPU threads (OMP_NUM_THREADS)", flush=True)
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=group_size)
     return rank, group_size, GlobalComm.WORLD_COMM_GROUP

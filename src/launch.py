@@ -27,11 +27,20 @@ def find_msrun():
     return found
 
 
-def worker_environment():
-    """This process's environment with this Python's folder first on PATH: msrun starts each worker as `python`
-    from PATH, which must be the Python that has MindSpore."""
+def threads_per_worker(local_worker_num, cores=None):
+    """Each worker's share of this node's cores: N ranks each with thread pools sized for all cores would
+    oversubscribe them."""
+    return max(1, (cores or os.cpu_count() or 1) // local_worker_num)
+
+
+def worker_environment(threads=None):
+    """This process's environment with this Python's folder first on PATH (msrun starts each worker as `python`
+    from PATH, which must be the Python that has MindSpore) and, given `threads`, OMP_NUM_THREADS set to it: the
+    worker's thread budget, for OpenMP (our CPU kernels) and, through train.py, MindSpore's CPU kernels."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -59,6 +68,9 @@ def main():
     parser.add_argument("--master_port", type=int, default=8118)
     parser.add_argument("--log_dir", default="./log")
     parser.add_argument("--rank_table_file", default=None, help="Ascend rank table (HCCL)")
+    parser.add_argument("--threads_per_worker", type=int, default=None,
+                        help="CPU threads of each worker (OMP_NUM_THREADS; default: OMP_NUM_THREADS if set, else "
+                             "this node's cores / --local_worker_num)")
     parser.add_argument("script")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -78,10 +90,13 @@ def main():
         parser.error(f"script not found: {args.script}")
     if args.rank_table_file and not os.path.isfile(args.rank_table_file):
         parser.error(f"rank table not found: {args.rank_table_file}")
+    if args.threads_per_worker is not None and args.threads_per_worker < 1:
+        parser.error(f"--threads_per_worker must be at least 1, got {args.threads_per_worker}")
+    threads = args.threads_per_worker or (None if "OMP_NUM_THREADS" in os.environ else threads_per_worker(local))
     command = msrun_command(args.script, args.script_args, args.worker_num, args.master_port, args.log_dir,
                             args.rank_table_file, local, args.node_rank, args.master_addr)
     print(" ".join(command), flush=True)
-    sys.exit(subprocess.call(command, env=worker_environment()))
+    sys.exit(subprocess.call(command, env=worker_environment(threads)))
 
 
 if __name__ == "__main__":

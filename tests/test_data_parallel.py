@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import gradient_moved_all
+from src.launch import threads_per_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
@@ -88,8 +89,10 @@ def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, float_run
                               cwd=tmp_path, capture_output=True, text=True)
     assert launched.returncode == 0, launched.stdout + launched.stderr
     logs = [(tmp_path / "train" / "log" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
-    for log in logs:  # each rank trains on its half: 24 images, 3 batches of 8
+    threads = threads_per_worker(2) if "OMP_NUM_THREADS" not in os.environ else os.environ["OMP_NUM_THREADS"]
+    for rank, log in enumerate(logs):  # each rank trains on its half: 24 images, 3 batches of 8
         assert "epoch: [  0/  1], step:[    2/    3], loss:[" in log
+        assert f"rank {rank} of 2: {threads} CPU threads" in log  # its share of the cores
     assert "effective config:" in logs[0] and "effective config:" not in logs[1]
     checkpoints = os.listdir(tmp_path / "train" / "checkpoint")
     assert checkpoints == ["mobilenetV2_quant-1_3.ckpt"]
@@ -133,3 +136,10 @@ def test_launch_finds_msrun_and_python_beside_the_interpreter_without_path(tmp_p
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     assert launched.stdout.startswith(os.path.join(os.path.dirname(sys.executable), "msrun") + " ")
     assert f"worker python {sys.executable}" in (tmp_path / "log" / "worker_0.log").read_text()
+
+
+@pytest.mark.quick
+def test_each_worker_gets_its_share_of_the_cores():
+    from src.launch import worker_environment
+    assert [threads_per_worker(local, cores=8) for local in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert worker_environment(3)["OMP_NUM_THREADS"] == "3"
