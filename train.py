@@ -43,8 +43,8 @@ def init_data_parallel():
     """Join the collective group msrun set up; gradients are averaged over ranks, activation ranges and BN
     statistics agreed. On CPU, MindSpore's kernels get the rank's thread budget, OMP_NUM_THREADS (src/launch.py
     sets it). Returns (rank, group size, communication group)."""
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if ms.get_context("device_target") == "CPU" and threads:
+    threads = os.environ.get("OMP_NUM_THREADS") if ms.get_context("device_target") == "CPU" else None
+    if threads:
         ms.device_context.cpu.op_tuning.threads_num(int(threads))
     init()
     rank, group_size = get_rank(), get_group_size()

@@ -62,12 +62,11 @@ def _numpy(tensor):
 def _quantize_activation(graph, x, quantizer, hint, relu6=False):
     """QuantizeLinear, an integer Clip of the uint8 codes where the quantizer's code bounds are narrower than
     [0, 255] (fewer bits; ReLU6 below the range's top: `relu6`), then DequantizeLinear."""
-    scale, zero_point = (_numpy(t) for t in quantizer.qparams())
-    scale = np.float32(scale)
-    zero_point = np.uint8(zero_point)
+    qparams = quantizer.qparams()
+    lowest, highest = (np.uint8(_numpy(bound)) for bound in quantizer.code_bounds(*qparams, relu6))
+    scale, zero_point = np.float32(_numpy(qparams[0])), np.uint8(_numpy(qparams[1]))
     scale_name, zp_name = graph.const(f"{hint}_scale", scale), graph.const(f"{hint}_zero_point", zero_point)
     q = graph.op("QuantizeLinear", [x, scale_name, zp_name], f"{hint}_q")
-    lowest, highest = (np.uint8(_numpy(bound)) for bound in quantizer.code_bounds(relu6))
     if (lowest, highest) != (0, 255):
         q = graph.op("Clip", [q, graph.const(f"{hint}_code_min", lowest), graph.const(f"{hint}_code_max", highest)],
                      f"{hint}_code_clip")

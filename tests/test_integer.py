@@ -155,7 +155,8 @@ def test_low_bit_codes_are_clamped_as_training_clamps_them(path):
     for activation, bounds in ((True, (0, 8)), (False, (0, 15))):
         layer = on_path(conv_layer(cin, cout, kernel, stride, groups, activation, bits=7, act_bits=4), path)
         set_range(layer.output_quant, 0.0, 12.0)
-        assert tuple(float(b) for b in layer.output_quant.code_bounds(activation)) == bounds
+        quantizer = layer.output_quant
+        assert tuple(float(b) for b in quantizer.code_bounds(*quantizer.qparams(), activation)) == bounds
         codes, scale = random_codes((2, cin, 9, 9)), f32(0.05)
         ours = run_deployed(layer, (codes, scale, 0))
         theirs = ort_conv(layer, codes, scale, 0, *[t.asnumpy() for t in layer.deployed_weights(Tensor(scale))])

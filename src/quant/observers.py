@@ -38,8 +38,9 @@ def symmetric_qparams(max_abs, qmax):
 
 class Observer(nn.Cell):
     """Tracks a tensor's range while `enabled` is 1 (a switch Parameter, saved in checkpoints)
-    and turns it into a scale and a zero point for the integer range [qmin, qmax]. The schedule switches every
-    Observer of a network at once (src/quant/schedule.py)."""
+    and turns it into a scale and a zero point for the integer range [qmin, qmax], of shape `scale_shape`. The
+    schedule switches every Observer of a network at once (src/quant/schedule.py)."""
+    scale_shape = ()  # one scale for the tensor
 
     def __init__(self, qmin, qmax):
         super().__init__()
@@ -130,8 +131,8 @@ class PerChannelAbsMaxObserver(Observer):
         ndim = len(shape)
         channel_axis = channel_axis % ndim
         self.reduce_axes = tuple(a for a in range(ndim) if a != channel_axis)
-        self.broadcast_shape = tuple(shape[a] if a == channel_axis else 1 for a in range(ndim))
-        self.max_abs = Parameter(Tensor(np.zeros(self.broadcast_shape, np.float32)), name="max_abs",
+        self.scale_shape = tuple(shape[a] if a == channel_axis else 1 for a in range(ndim))
+        self.max_abs = Parameter(Tensor(np.zeros(self.scale_shape, np.float32)), name="max_abs",
                                  requires_grad=False)
 
     def construct(self, w):

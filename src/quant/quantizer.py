@@ -55,22 +55,21 @@ class Quantizer(nn.Cell):
         """(scale, zero_point) as they stand: what integer inference and the exported model use."""
         return self.observer.qparams()
 
-    def code_bounds(self, relu6=False):
-        """[lowest, highest] code of the quantized tensor, as training's rounding clamps it: [qmin, qmax], within
-        which ReLU6 before the quantizer (`relu6`) keeps codes from the code of 0 to the code of 6 (clamping codes
-        is clamping values: rounding is monotone). Deployed, codes are uint8, [0, 255]: where these bounds are
-        narrower (fewer than 8 bits, or 6 below the range's top) the codes are clamped to them (`clamp_codes`, and
-        an integer Clip in the ONNX model)."""
+    def code_bounds(self, scale, zero_point, relu6=False):
+        """[lowest, highest] code of the tensor quantized with (scale, zero_point), as training's rounding clamps
+        it: [qmin, qmax], within which ReLU6 before the quantizer (`relu6`) keeps codes from the code of 0 to the
+        code of 6 (clamping codes is clamping values: rounding is monotone). Deployed, codes are uint8, [0, 255]:
+        where these bounds are narrower (fewer than 8 bits, or 6 below the range's top) the codes are clamped to
+        them (`clamp_codes`, and an integer Clip in the ONNX model)."""
         lowest, highest = float(self.qmin), float(self.qmax)
         if not relu6:
             return lowest, highest
-        scale, zero_point = self.qparams()
         return ops.maximum(zero_point, lowest), ops.minimum(ops.round(6.0 / scale) + zero_point, highest)
 
     def clamp_codes(self, quantized, relu6=False):
         """A quantized activation (codes, scale, zero point) with its codes clamped to `code_bounds`."""
         codes, scale, zero_point = quantized
-        lowest, highest = self.code_bounds(relu6)
+        lowest, highest = self.code_bounds(scale, zero_point, relu6)
         return ops.clip_by_value(codes, lowest, highest), scale, zero_point
 
     def codes(self, x):
@@ -104,8 +103,7 @@ class LearnedStepQuantizer(Quantizer):
 
     def __init__(self, qmin, qmax, make_observer, channel_axis=None):
         super().__init__(qmin, qmax, make_observer, channel_axis)
-        observed_scale, _ = self.observer.qparams()
-        self.step_size = Parameter(Tensor(np.ones(observed_scale.shape, np.float32)), name="step_size")
+        self.step_size = Parameter(Tensor(np.ones(self.observer.scale_shape, np.float32)), name="step_size")
         self.learned = switch_parameter("learned", 0.0)
 
     def observe(self, x):
