@@ -48,8 +48,9 @@ def init_data_parallel():
         ms.device_context.cpu.op_tuning.threads_num(int(threads))
     init()
     rank, group_size = get_rank(), get_group_size()
-    if threads:
-        print(f"rank {rank} of {group_size}: {threads} CPU threads (OMP_NUM_THREADS)", flush=True)
+    # the process id lets src/launch.py name the rank msrun saw fail
+    print(f"rank {rank} of {group_size} (process {os.getpid()})"
+          + (f": {threads} CPU threads (OMP_NUM_THREADS)" if threads else ""), flush=True)
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
                                  device_num=group_size)
     return rank, group_size, GlobalComm.WORLD_COMM_GROUP

@@ -16,10 +16,13 @@ e.g.
   bash run_train.sh GPU 0,1,2,3 ~/imagenet/train/ ~/mobilenetV2_float.ckpt
   bash run_train.sh CPU 2 ~/imagenet/train/ ~/mobilenetV2_float.ckpt
 Several machines (nodes): run the same command on each, with NODE_NUM (nodes), NODE_RANK (this node, 0 to
-NODE_NUM - 1), MASTER_ADDR (node 0's address) and MASTER_PORT (default 8118) set; DEVICE_ID_LIST and WORKER_NUM
-are this node's, an Ascend RANK_TABLE_FILE spans all servers (this node runs its share of its devices):
+NODE_NUM - 1), MASTER_ADDR (node 0's address) and MASTER_PORT (default 8118) set, and CLUSTER_TIMEOUT (seconds
+the nodes wait for each other, default 600) if need be; DEVICE_ID_LIST and WORKER_NUM are this node's, an Ascend
+RANK_TABLE_FILE spans all servers (this node runs its share of its devices):
   NODE_NUM=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash run_train.sh GPU 0,1,2,3,4,5,6,7 ~/imagenet/train/ ~/float.ckpt
   NODE_NUM=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash run_train.sh GPU 0,1,2,3,4,5,6,7 ~/imagenet/train/ ~/float.ckpt
+A failed rank ends the whole job (the others are stopped); the same command with --resume latest continues from
+the newest checkpoint.
 USAGE
   exit 1
 }
@@ -69,12 +72,16 @@ if [ "$NODE_NUM" -gt 1 ]; then
   LAUNCH_EXTRA+=(--local_worker_num "$WORKERS" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
 fi
 LAUNCH_EXTRA+=(--master_port "${MASTER_PORT:-8118}")
+[ -z "${CLUSTER_TIMEOUT:-}" ] || LAUNCH_EXTRA+=(--cluster_timeout "$CLUSTER_TIMEOUT")
+failed() {  # the end of the log: train.py's error, or src/launch.py's account of the failed rank
+  echo "training failed; the end of $1:"; tail -n 4 "$1"; exit 1
+}
 if [ "$WORKERS" -eq 1 ] && [ "$NODE_NUM" -eq 1 ]; then
   echo "training on 1 $TARGET process; log: $PWD/train/train.log"
-  python "$ROOT/train.py" "${ARGS[@]}" "$@" > train/train.log 2>&1
+  python "$ROOT/train.py" "${ARGS[@]}" "$@" > train/train.log 2>&1 || failed "$PWD/train/train.log"
 else
   echo "training on $WORKERS $TARGET processes of $((WORKERS * NODE_NUM)); logs: $PWD/train/log/worker_<rank>.log"
   python "$ROOT/src/launch.py" --worker_num "$((WORKERS * NODE_NUM))" --log_dir "$PWD/train/log" "${LAUNCH_EXTRA[@]}" \
-    "$ROOT/train.py" --run_distribute True "${ARGS[@]}" "$@" > train/launch.log 2>&1
+    "$ROOT/train.py" --run_distribute True "${ARGS[@]}" "$@" > train/launch.log 2>&1 || failed "$PWD/train/launch.log"
 fi
 echo "checkpoints: $PWD/train/checkpoint"

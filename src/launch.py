@@ -7,12 +7,26 @@ cluster): one process per device, ranks agreed over TCP with the master (node 0'
                       --master_addr 10.0.0.1 train.py --run_distribute True ...    (on 10.0.0.1)
                   ... --node_rank 1 ...                                         (on the other machine)
 Each rank's output goes to <log_dir>/worker_<rank>.log (msrun's naming) on the node that runs it.
+
+When a rank fails (an error, or killed), msrun stops the others and this launcher ends with a message that names
+the rank, its log and the newest checkpoint the script reported ("checkpoint saved: PATH" lines of rank 0, as
+train.py writes them), from which `--resume latest` with the same command continues. A cluster that does not form
+(a node not started, a wrong --master_addr) fails after --cluster_timeout seconds; a port in use on node 0 at once.
 """
 import argparse
+import errno
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+
+FAILED_WORKER = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
+LOST_RANK = re.compile(r"worker (\d+) is the first one timed out")  # the master's word, on node 0
+CLUSTER_NOT_FORMED = "Failed to initialize distributed job cluster"
+CHECKPOINT_SAVED = re.compile(r"^checkpoint saved: (.+)$", re.MULTILINE)
 
 
 def find_msrun():
@@ -45,16 +59,105 @@ def worker_environment(threads=None):
 
 
 def msrun_command(script, script_args, worker_num, master_port=8118, log_dir="./log", rank_table_file=None,
-                  local_worker_num=None, node_rank=0, master_addr="127.0.0.1"):
+                  local_worker_num=None, node_rank=0, master_addr="127.0.0.1", cluster_timeout=600):
     """msrun's command line: `worker_num` ranks over all nodes, `local_worker_num` (all of them by default) on this
-    one, node `node_rank`; the master listens on node 0 at master_addr:master_port."""
+    one, node `node_rank`; the master listens on node 0 at master_addr:master_port; ranks wait at most
+    `cluster_timeout` seconds for the others to join."""
     local_worker_num = worker_num if local_worker_num is None else local_worker_num
     command = [find_msrun(), f"--worker_num={worker_num}", f"--local_worker_num={local_worker_num}",
                f"--node_rank={node_rank}", f"--master_addr={master_addr}", f"--master_port={master_port}",
-               f"--log_dir={log_dir}", "--join=True"]
+               f"--log_dir={log_dir}", "--join=True", f"--cluster_time_out={cluster_timeout}"]
     if rank_table_file:  # Ascend: HCCL takes the devices' addresses from the rank table
         command.append(f"--rank_table_file={rank_table_file}")
     return command + [script, *script_args]
+
+
+def port_in_use(address, port):
+    """Whether another process listens on address:port, where node 0's master is to listen."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to the master
+        try:
+            probe.bind((address, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def run_msrun(command, env):
+    """Run msrun, passing its output through, and note what a failure report needs: the worker processes msrun
+    saw fail ({pid: exit code}), the rank the master lost first (None if it lost none) and whether the cluster
+    failed to form. Returns (exit code, failed, lost, not_formed)."""
+    failed, lost, not_formed = {}, None, False
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as msrun:
+        for line in msrun.stdout:
+            sys.stdout.write(line)
+            found = FAILED_WORKER.search(line)
+            if found:
+                failed[int(found.group(1))] = int(found.group(2))
+            found = LOST_RANK.search(line)
+            if found and lost is None:
+                lost = int(found.group(1))
+            not_formed = not_formed or CLUSTER_NOT_FORMED in line
+    sys.stdout.flush()
+    return msrun.returncode, failed, lost, not_formed
+
+
+def _worker_logs(log_dir):
+    """{rank: path} of the worker logs msrun wrote on this node (worker_<rank>.log)."""
+    logs = {}
+    for name in os.listdir(log_dir) if os.path.isdir(log_dir) else ():
+        found = re.fullmatch(r"worker_(\d+)\.log", name)
+        if found:
+            logs[int(found.group(1))] = os.path.join(log_dir, name)
+    return logs
+
+
+def _read(path):
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def _exit_description(code):
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def failure_report(failed, lost, not_formed, log_dir, cluster_timeout, master):
+    """What went wrong, for the user: which rank failed and how, its log, and where to continue from."""
+    logs = _worker_logs(log_dir)
+    texts = {rank: _read(path) for rank, path in logs.items()}
+    lines = []
+    if not_formed:
+        lines.append(f"error: the cluster did not form within {cluster_timeout} s: every node must be started with "
+                     f"the same --worker_num, node 0 must run the master at {master} (--master_addr is node 0's "
+                     f"address, reachable from every node; --master_port free on it)")
+    failed_ranks = set()
+    for pid, code in sorted(failed.items()):
+        # the script names its process in its log (train.py: "rank R of N (process PID)")
+        rank = next((r for r, text in texts.items() if f"(process {pid})" in text), None)
+        failed_ranks.add(rank)
+        who = f"rank {rank} (process {pid})" if rank is not None else f"worker process {pid}"
+        where = f"its log: {logs[rank]}" if rank is not None else f"logs: {log_dir}"
+        lines.append(f"error: {who} {_exit_description(code)}; msrun stopped the other ranks on this node; {where}")
+    if lost is not None and lost not in failed_ranks:
+        lines.insert(0, f"error: the master lost rank {lost} (it stopped answering: killed, or its node failed; "
+                        f"that node's log says more) and stopped the job")
+    if not lines:
+        lines.append(f"error: the distributed job failed; logs: {log_dir}")
+    saved = CHECKPOINT_SAVED.findall(texts.get(0, ""))
+    if saved:
+        lines.append(f"the newest checkpoint: {saved[-1].strip()}; the same command with --resume latest "
+                     f"continues from it")
+    elif 0 in texts:
+        lines.append("no checkpoint was saved")
+    return "\n".join(lines)
 
 
 def main():
@@ -66,6 +169,9 @@ def main():
     parser.add_argument("--master_addr", default="127.0.0.1",
                         help="node 0's address, the same on every node (default: this machine, one node)")
     parser.add_argument("--master_port", type=int, default=8118)
+    parser.add_argument("--cluster_timeout", type=int, default=600,
+                        help="seconds the ranks wait for every node to join before failing (msrun's "
+                             "--cluster_time_out)")
     parser.add_argument("--log_dir", default="./log")
     parser.add_argument("--rank_table_file", default=None, help="Ascend rank table (HCCL)")
     parser.add_argument("--threads_per_worker", type=int, default=None,
@@ -92,11 +198,19 @@ def main():
         parser.error(f"rank table not found: {args.rank_table_file}")
     if args.threads_per_worker is not None and args.threads_per_worker < 1:
         parser.error(f"--threads_per_worker must be at least 1, got {args.threads_per_worker}")
+    if args.cluster_timeout < 1:
+        parser.error(f"--cluster_timeout must be at least 1 second, got {args.cluster_timeout}")
+    master = f"{args.master_addr}:{args.master_port}"
+    if args.node_rank == 0 and port_in_use(args.master_addr, args.master_port):
+        parser.error(f"the master's port is in use on this machine ({master}): another run? give another "
+                     f"--master_port (the same on every node)")
     threads = args.threads_per_worker or (None if "OMP_NUM_THREADS" in os.environ else threads_per_worker(local))
     command = msrun_command(args.script, args.script_args, args.worker_num, args.master_port, args.log_dir,
-                            args.rank_table_file, local, args.node_rank, args.master_addr)
+                            args.rank_table_file, local, args.node_rank, args.master_addr, args.cluster_timeout)
     print(" ".join(command), flush=True)
-    sys.exit(subprocess.call(command, env=worker_environment(threads)))
+    returncode, failed, lost, not_formed = run_msrun(command, worker_environment(threads))
+    if returncode != 0:
+        sys.exit(failure_report(failed, lost, not_formed, args.log_dir, args.cluster_timeout, master))
 
 
 if __name__ == "__main__":

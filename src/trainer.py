@@ -178,6 +178,7 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
         checkpoint.save(train_cell, path, network, epoch_num, step, input_record(config))
         for old in list_checkpoints(output_dir, quantized)[:-config.keep_checkpoint_max]:
             os.remove(old)
+        log(f"checkpoint saved: {path}")  # src/launch.py names the newest when a rank fails
         return path
 
     for epoch in range(first_epoch, config.epoch_size):

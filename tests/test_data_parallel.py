@@ -1,8 +1,11 @@
 """Data parallel on this machine's CPU through msrun (src/launch.py) on loopback: 2 ranks as two nodes of one
 worker each (the multi-node launch), and 2 ranks on one node through run_train.sh."""
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,34 +83,85 @@ def test_moving_bn_statistics_agree_across_ranks(dp_run):
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
 
 
-def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, float_run, tmp_path):
-    """The users' entry points: 2 CPU ranks through msrun, per-rank logs, rank 0's checkpoint, then inference."""
+SCRIPT_EPOCHS = 12
+
+
+def run_train_script(demo_data, float_run, folder, *more, wait=True):
+    """bash scripts/run_train.sh CPU 2 ... in `folder`: SCRIPT_EPOCHS QAT epochs from float_run on 2 ranks."""
+    from conftest import tiny_argv
+    command = ["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "CPU", "2", demo_data[0], float_run,
+               *tiny_argv(), "--start_epoch", "2", "--epoch_size", str(SCRIPT_EPOCHS), *more]
+    launch = dict(cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                  env=dict(os.environ, MASTER_PORT=str(_free_port())))
+    return subprocess.run(command, timeout=1200, **launch) if wait else subprocess.Popen(command, **launch)
+
+
+@pytest.fixture(scope="module")
+def script_run(demo_data, float_run, tmp_path_factory):
+    """The users' entry point, uninterrupted: its folder (train/log, train/checkpoint)."""
+    folder = tmp_path_factory.mktemp("script")
+    launched = run_train_script(demo_data, float_run, folder)
+    assert launched.returncode == 0, launched.stdout[-3000:]
+    return folder
+
+
+def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, script_run):
+    """The users' entry points: 2 CPU ranks through msrun, per-rank logs, rank 0's checkpoints, then inference."""
     train_path, val_path = demo_data
     from conftest import tiny_argv
-    launched = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "CPU", "2", train_path,
-                               float_run, *tiny_argv(), "--start_epoch", "2", "--epoch_size", "1"],
-                              cwd=tmp_path, capture_output=True, text=True)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    logs = [(tmp_path / "train" / "log" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
+    logs = [(script_run / "train" / "log" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
     threads = threads_per_worker(2) if "OMP_NUM_THREADS" not in os.environ else os.environ["OMP_NUM_THREADS"]
     for rank, log in enumerate(logs):  # each rank trains on its half: 24 images, 3 batches of 8
-        assert "epoch: [  0/  1], step:[    2/    3], loss:[" in log
-        assert f"rank {rank} of 2: {threads} CPU threads" in log  # its share of the cores
+        assert f"epoch: [  0/ {SCRIPT_EPOCHS}], step:[    2/    3], loss:[" in log
+        assert re.search(rf"rank {rank} of 2 \(process \d+\): {threads} CPU threads", log)  # its share of the cores
     assert "effective config:" in logs[0] and "effective config:" not in logs[1]
-    checkpoints = os.listdir(tmp_path / "train" / "checkpoint")
-    assert checkpoints == ["mobilenetV2_quant-1_3.ckpt"]
+    checkpoints = sorted(os.listdir(script_run / "train" / "checkpoint"))
+    assert checkpoints == sorted(f"mobilenetV2_quant-{epoch}_3.ckpt" for epoch in range(1, SCRIPT_EPOCHS + 1))
     inferred = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_infer_quant.sh"), "CPU", val_path,
-                               str(tmp_path / "train" / "checkpoint" / checkpoints[0]), *tiny_argv()],
-                              cwd=tmp_path, capture_output=True, text=True)
+                               str(script_run / "train" / "checkpoint" / checkpoints[0]), *tiny_argv()],
+                              cwd=script_run, capture_output=True, text=True)
     assert inferred.returncode == 0, inferred.stdout + inferred.stderr
     assert inferred.stdout.startswith("result:{'acc': ") and "'images': 24" in inferred.stdout
     usage = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "GPU", "zero", train_path],
-                           cwd=tmp_path, capture_output=True, text=True)
+                           cwd=script_run, capture_output=True, text=True)
     assert usage.returncode != 0 and "DEVICE_ID_LIST must look like 0,1,2,3" in usage.stdout
     assert "bash run_train.sh [GPU] [DEVICE_ID_LIST]" in usage.stdout
     half_given = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "CPU", "1", train_path],
-                                cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, NODE_NUM="2"))
+                                cwd=script_run, capture_output=True, text=True, env=dict(os.environ, NODE_NUM="2"))
     assert half_given.returncode != 0 and "NODE_NUM=2 needs NODE_RANK and MASTER_ADDR" in half_given.stdout
+
+
+def test_a_killed_rank_ends_the_job_and_resume_latest_continues_exactly(demo_data, float_run, script_run,
+                                                                        tmp_path):
+    """script_run's command, rank 1 killed (SIGKILL) once rank 0 has saved epoch 1: the job ends, naming the rank
+    and the newest checkpoint; the same command with --resume latest ends where script_run ended, bit for bit."""
+    from conftest import checkpoint_arrays
+    from src.trainer import list_checkpoints
+    saved, log1 = tmp_path / "train" / "checkpoint", tmp_path / "train" / "log" / "worker_1.log"
+    running = run_train_script(demo_data, float_run, tmp_path, wait=False)
+    deadline = time.time() + 900
+    while running.poll() is None and time.time() < deadline and not (saved / "mobilenetV2_quant-1_3.ckpt").exists():
+        time.sleep(0.05)
+    found = re.search(r"rank 1 of 2 \(process (\d+)\)", log1.read_text()) if log1.exists() else None
+    assert found and running.poll() is None, "rank 1 did not start, or the run ended before the kill"
+    os.kill(int(found.group(1)), signal.SIGKILL)
+    output, _ = running.communicate(timeout=600)
+    assert running.returncode != 0 and "training failed" in output
+    assert f"rank 1 (process {found.group(1)}) was killed by SIGKILL" in output, output[-3000:]
+    newest = re.search(r"the newest checkpoint: (\S+);", output)
+    assert newest and newest.group(1) == list_checkpoints(str(saved), quantized=True)[-1], output[-3000:]
+    assert not os.path.exists(saved / f"mobilenetV2_quant-{SCRIPT_EPOCHS}_3.ckpt")
+
+    resumed = run_train_script(demo_data, float_run, tmp_path, "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {newest.group(1)}" in (tmp_path / "train" / "log" / "worker_0.log").read_text()
+    final = f"mobilenetV2_quant-{SCRIPT_EPOCHS}_3.ckpt"
+    got, meta = checkpoint_arrays(str(saved / final))
+    want, _ = checkpoint_arrays(str(script_run / "train" / "checkpoint" / final))
+    assert gradient_moved_all(checkpoint_arrays(newest.group(1))[0], got)
+    assert meta["epoch_num"] == SCRIPT_EPOCHS and set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 @pytest.mark.quick
@@ -143,3 +197,32 @@ def test_each_worker_gets_its_share_of_the_cores():
     from src.launch import worker_environment
     assert [threads_per_worker(local, cores=8) for local in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     assert worker_environment(3)["OMP_NUM_THREADS"] == "3"
+
+
+@pytest.mark.quick
+def test_launch_refuses_a_master_port_in_use(tmp_path):
+    import socket
+    script = tmp_path / "script.py"
+    script.write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2",
+                                  "--master_port", str(port), str(script)], capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert f"the master's port is in use on this machine (127.0.0.1:{port})" in refused.stderr
+
+
+def test_a_node_whose_master_never_answers_fails_within_the_cluster_timeout(tmp_path):
+    """Node 1 of 2 pointed at a master nobody runs (a wrong --master_addr, or node 0 never started)."""
+    script = tmp_path / "join.py"
+    script.write_text("from mindspore.communication import init\ninit()\n")
+    port = _free_port()
+    launched = subprocess.run([_second_machine(tmp_path / "node1"), os.path.join(ROOT, "src", "launch.py"),
+                               "--worker_num", "2", "--local_worker_num", "1", "--node_rank", "1", "--master_addr",
+                               "127.0.0.1", "--master_port", str(port), "--cluster_timeout", "10", "--log_dir",
+                               str(tmp_path / "log"), str(script)], capture_output=True, text=True, timeout=300)
+    assert launched.returncode != 0
+    assert (f"error: the cluster did not form within 10 s: every node must be started with the same --worker_num, "
+            f"node 0 must run the master at 127.0.0.1:{port}") in launched.stderr, launched.stdout[-2000:]
