@@ -1,20 +1,24 @@
 """Throughput and memory of the suite at full size (MobileNetV2 1.0, 224x224, 1000 classes) on this machine.
 
-    python benchmarks/benchmark.py [--batch_size 32] [--device_target CPU] [--output benchmark.json]
+    python benchmarks/benchmark.py [--batch_size 32] [--device_target CPU] [--output benchmarks/results/NAME.json]
+    python benchmarks/tables.py    (the docs' figures from benchmarks/results/*.json)
 
-Measures, each in a process of its own (so peak resident memory is per mode): float training, QAT training and
-QAT evaluation images/s (random inputs: compute only; integer inference, and fake quantization: "simulated") with
-graph compile time; the data pipeline alone
-(decode + augment + batch) on generated JPEGs of ImageNet-like size; ONNX Runtime FP32 and INT8 images/s at the
-batch size and latency at batch 1; and, when the interpreter given by --peer_python has PyTorch, the peer
-(benchmarks/peer_pytorch.py: PyTorch eager QAT of the same network, its converted INT8 model), with glibc's
-default malloc and with one tuned for PyTorch (TUNED_MALLOC), with our/peer ratios against the faster. Warm-up steps are excluded; each figure is a median of several runs.
+Measures, each in a process of its own (so peak resident memory is per mode): float training, QAT training (one
+process, and 2 data-parallel ranks through src/launch.py sharing this machine's cores at the same global batch)
+and QAT evaluation images/s (random inputs: compute only; integer inference, and fake quantization: "simulated")
+with graph compile time; the data pipeline alone (decode + augment + batch) on generated JPEGs of ImageNet-like
+size; ONNX Runtime FP32 and INT8 images/s at the batch size and latency at batch 1; and, when the interpreter
+given by --peer_python has PyTorch, the peer (benchmarks/peer_pytorch.py: PyTorch eager QAT of the same network,
+its converted INT8 model), with glibc's default malloc and with one tuned for PyTorch (TUNED_MALLOC), with our/peer
+ratios against the faster. Warm-up steps are excluded; each figure is a median of several runs.
 Run by hand; not part of the test suite. --parts picks a subset.
 """
 import argparse
+import datetime
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import src  # noqa: E402,F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
 
-PARTS = ("data", "float_train", "qat_train", "qat_eval", "qat_eval_simulated", "onnx", "peer", "peer_malloc_tuned")
+PARTS = ("data", "float_train", "qat_train", "qat_train_2_ranks", "qat_eval", "qat_eval_simulated", "onnx", "peer",
+         "peer_malloc_tuned")
 # glibc's malloc returns PyTorch's large buffers to the kernel after each step in these virtual machines, and the
 # page faults that follow halved its training speed (measured); the peer runs both ways and the faster one counts.
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
@@ -65,6 +70,12 @@ def cpu_info():
     return {"model": model, "extensions": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})}
 
 
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _config(args):
     from easydict import EasyDict
     from src.config import CONFIGS
@@ -81,21 +92,29 @@ def _setup(args):
 
 
 def part_train(args, quantized):
+    """Training throughput; with --ranks N (this script started by src/launch.py) data parallel over N ranks,
+    each on its share of the same global batch, rank 0 reporting."""
     ms = _setup(args)
     from src.layers import set_compute_dtype
     from src.lr_generator import get_lr
     from src.mobilenetV2 import network_from_config
     from src.quant.schedule import QuantSchedule
     from src.trainer import make_optimizer, make_train_cell
+    rank, group = 0, None
+    if args.ranks > 1:
+        from train import init_data_parallel
+        rank, ranks, group = init_data_parallel()
+        assert ranks == args.ranks and args.batch_size % ranks == 0, (ranks, args.batch_size)
     config = _config(args)
-    network = network_from_config(config, quantized)
+    config.batch_size = args.batch_size // args.ranks
+    network = network_from_config(config, quantized, group)
     set_compute_dtype(network, getattr(ms, config.compute_dtype))
     if quantized:  # the steady state of a QAT run: rounding on, BN not yet frozen, observers watching
         QuantSchedule(quant_delay=0).apply(network, 0)
     cell = make_train_cell(network, make_optimizer(network, get_lr(0, 0, 0, 0.01, 0, 1, 1000), config), config)
     rng = np.random.default_rng(0)
-    images = ms.Tensor(rng.normal(0, 1, (args.batch_size, 3, 224, 224)).astype(np.float32))
-    labels = ms.Tensor(rng.integers(0, 1000, args.batch_size).astype(np.int32))
+    images = ms.Tensor(rng.normal(0, 1, (config.batch_size, 3, 224, 224)).astype(np.float32))
+    labels = ms.Tensor(rng.integers(0, 1000, config.batch_size).astype(np.int32))
     start = time.perf_counter()
     cell(images, labels)[0].asnumpy()
     compile_s = time.perf_counter() - start
@@ -105,7 +124,10 @@ def part_train(args, quantized):
     # A step that moves no gradient-only Parameter measures a graph without a backward pass (as "QAT" once was).
     if np.array_equal(gamma.asnumpy(), start_gamma):
         raise RuntimeError("the training steps did not move features.0.gamma: no gradient reached it")
-    return {"images_per_s": rate, "compile_and_first_step_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+    result = {"images_per_s": rate, "compile_and_first_step_s": compile_s, "peak_rss_mb": _peak_rss_mb()}
+    if args.ranks > 1:
+        result.update(ranks=args.ranks, threads_per_rank=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
+    return result if rank == 0 else None
 
 
 def part_qat_eval(args, integer):
@@ -213,16 +235,19 @@ def main():
     parser.add_argument("--peer_python", default=sys.executable,
                         help="a Python with PyTorch for the peer part (PyTorch is not a dependency of this project)")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: one part, in a child process
+    parser.add_argument("--ranks", type=int, default=1, help=argparse.SUPPRESS)  # internal: the part's ranks
     args = parser.parse_args()
     if args.part:
-        print("RESULT " + json.dumps(run_part(args)), flush=True)
+        result = run_part(args)
+        if result is not None:  # data parallel: rank 0 alone
+            print("RESULT " + json.dumps(result), flush=True)
         return
     parts = [p for p in args.parts.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
     results = {"machine": {"cpus": os.cpu_count(), "cpu": cpu_info(), "device_target": args.device_target},
-               "batch_size": args.batch_size}
+               "date": datetime.date.today().isoformat(), "batch_size": args.batch_size}
     for part in parts:
         print(f"running {part} ...", flush=True)
         env = dict(os.environ)
@@ -233,6 +258,11 @@ def main():
             command = [args.peer_python, os.path.join(ROOT, "benchmarks", "peer_pytorch.py")]
             if part == "peer_malloc_tuned":
                 env.update(TUNED_MALLOC)
+        elif part == "qat_train_2_ranks":  # 2 ranks through msrun on this machine, the cores shared between them
+            log_dir = tempfile.mkdtemp(prefix="benchmark_ranks_")
+            command = [sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2", "--master_port",
+                       str(_free_port()), "--log_dir", log_dir, __file__, "--part", "qat_train", "--ranks", "2",
+                       "--device_target", args.device_target]
         else:
             command = [sys.executable, __file__, "--part", part, "--device_target", args.device_target]
         child = subprocess.run(command + ["--batch_size", str(args.batch_size), "--repeats", str(args.repeats)],
@@ -249,6 +279,9 @@ def main():
         results["qat_over_float_train"] = results["qat_train"]["images_per_s"] / results["float_train"]["images_per_s"]
         results["qat_over_float_train_memory"] = (results["qat_train"]["peak_rss_mb"]
                                                   / results["float_train"]["peak_rss_mb"])
+    if "images_per_s" in results.get("qat_train", {}) and "images_per_s" in results.get("qat_train_2_ranks", {}):
+        results["qat_train_2_ranks_over_1"] = (results["qat_train_2_ranks"]["images_per_s"]
+                                               / results["qat_train"]["images_per_s"])
     if "images_per_s" in results.get("qat_eval", {}) and "images_per_s" in results.get("qat_eval_simulated", {}):
         results["integer_over_simulated_eval_time"] = (results["qat_eval_simulated"]["images_per_s"]
                                                        / results["qat_eval"]["images_per_s"])
@@ -269,10 +302,13 @@ def format_table(results):
     rows = []
 
     def row(name, part, key, unit):
-        value = results.get(part, {}).get(key) if isinstance(results.get(part), dict) else None
+        if part not in results:
+            return  # not measured in this run
+        value = results[part].get(key)
         rows.append(f"| {name} | {'failed' if value is None else f'{value:.1f} {unit}'} |")
     row("float training", "float_train", "images_per_s", "img/s")
     row("QAT training", "qat_train", "images_per_s", "img/s")
+    row("QAT training, 2 ranks on the same cores (same global batch)", "qat_train_2_ranks", "images_per_s", "img/s")
     row("QAT evaluation (integer inference)", "qat_eval", "images_per_s", "img/s")
     row("QAT evaluation (simulated: fake quantization)", "qat_eval_simulated", "images_per_s", "img/s")
     row("data pipeline (decode + augment + batch)", "data", "images_per_s", "img/s")
@@ -281,13 +317,14 @@ def format_table(results):
     row("float training compile + first step", "float_train", "compile_and_first_step_s", "s")
     row("QAT training compile + first step", "qat_train", "compile_and_first_step_s", "s")
     onnx = results.get("onnx", {})
-    for name in ("fp32", "int8"):
+    for name in ("fp32", "int8") if "onnx" in results else ():
         stats = onnx.get(name, {})
         rows.append(f"| ONNX Runtime {name.upper()}, batch {results['batch_size']} | "
                     f"{stats.get('images_per_s', float('nan')):.1f} img/s |")
         rows.append(f"| ONNX Runtime {name.upper()}, batch 1 latency | {stats.get('latency_ms_batch1', float('nan')):.1f} ms |")
     for key, label in (("qat_over_float_train", "QAT / float training throughput"),
                        ("qat_over_float_train_memory", "QAT / float training peak memory"),
+                       ("qat_train_2_ranks_over_1", "QAT training, 2 ranks / 1 process throughput"),
                        ("integer_over_simulated_eval_time", "integer / simulated evaluation time"),
                        ("data_over_qat_train", "data pipeline / QAT training throughput")):
         if key in results:
@@ -303,9 +340,21 @@ def format_table(results):
                 rows.append(f"| {label} ({malloc}) | {peer[key]:.1f} img/s |")
     if "qat_train_over_peer" in results:
         rows.append(f"| our QAT / PyTorch eager QAT training (the faster peer) | {results['qat_train_over_peer']:.2f}x |")
-    cpu = results["machine"]["cpu"]
-    return (f"{cpu['model']}, {results['machine']['cpus']} CPUs, {' '.join(cpu['extensions'])}\n"
-            "| measure | value |\n|---|---|\n" + "\n".join(rows))
+    return f"{machine_line(results)}\n\n| measure | value |\n|---|---|\n" + "\n".join(rows)
+
+
+def cpu_kind(extensions):
+    """What decides ONNX Runtime's integer path (and our kernels' vector width): AVX-512 VNNI, or AVX2 only."""
+    if "avx512_vnni" in extensions:
+        return "AVX-512 VNNI"
+    return "AVX2 only" if "avx512f" not in extensions else "AVX-512 without VNNI"
+
+
+def machine_line(results):
+    machine = results["machine"]
+    cpu = machine["cpu"]
+    return (f"{cpu['model']}, {machine['cpus']} CPUs, {cpu_kind(cpu['extensions'])} "
+            f"({' '.join(cpu['extensions'])}), {machine['device_target']}, {results.get('date', 'date not recorded')}")
 
 
 if __name__ == "__main__":
