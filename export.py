@@ -11,7 +11,7 @@ from eval import load_network
 from src import checkpoint
 from src.config import parse_args
 from src.dataset import DatasetError
-from src.export import FORMATS, ExportError, export
+from src.export import FORMATS, ExportError, export, weight_storage
 
 
 def add_args(parser):
@@ -36,6 +36,10 @@ def main(argv=None):
     except (checkpoint.CheckpointError, DatasetError, ExportError) as err:
         sys.exit(f"error: {err}")
     print(f"exported {args.ckpt_file} as {path}")
+    if getattr(network, "quantized", False):
+        stored, packed = weight_storage(network)
+        print(f"weights: {stored} bytes as int8 codes; {packed} bytes packed at their bit widths "
+              f"({network.quant_config.weight_bits} bits)")
     return path
 
 

@@ -6,6 +6,7 @@ from mindspore import Tensor
 
 from src.kernels import use_mindspore_ops
 from src.onnx_export import export_onnx
+from src.quant.layers import QuantConvBNAct, QuantDense
 from src.quant.observers import Observer
 from src.quant.schedule import set_switches
 
@@ -22,6 +23,17 @@ def freeze_ranges(network, image_height, image_width):
     network.set_train(False)  # weight ranges as evaluation computes them; activation ranges left as trained
     network(Tensor(np.zeros((1, 3, image_height, image_width), np.float32)))
     set_switches(network, Observer, "enabled", False)
+
+
+def weight_storage(network):
+    """(bytes of a quantized network's convolution and dense weights as the INT8 ONNX model stores them, one
+    int8 per code; bytes packed at each layer's code width, e.g. two 4-bit codes a byte)."""
+    stored = packed = 0
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, (QuantConvBNAct, QuantDense)):
+            stored += cell.weight.size
+            packed += -(-cell.weight.size * cell.weight_quant.code_bits // 8)
+    return stored, packed
 
 
 def export(network, file_name, file_format, batch_size, image_height, image_width, device_target):

@@ -302,12 +302,13 @@ def test_8bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
     assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0
 
 
-def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tmp_path):
+def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tmp_path, capsys):
     """4-bit weights and activations end to end: PTQ of the learned float network, INT8 ONNX export (4-bit codes in
     int8/uint8, the activations' code bounds as integer Clips of the codes), the checkpoint's integer inference
     against ONNX Runtime's, image for image, and every convolution on ORT's integer kernels."""
     import collections
     import onnx
+    from onnx import numpy_helper
     import export as export_script
     import train as train_script
     train_path, val_path = learning_data
@@ -320,6 +321,15 @@ def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
     assert parity["acc_a"] > 0.5  # logits that differ from image to image
     assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0
     graph = onnx.load(onnx_model).graph
+    # the weight size export reports: the int8 tensors the convolutions dequantize as weights, half as much packed
+    producers = {node.output[0]: node for node in graph.node}
+    tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights = [tensors[producers[node.input[1]].input[0]] for node in graph.node if node.op_type == "Conv"]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    stored, packed = sum(w.size for w in weights), sum(-(-w.size // 2) for w in weights)
+    reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("weights:")]
+    assert reported == [f"weights: {stored} bytes as int8 codes; {packed} bytes packed at their bit widths "
+                        f"(4 bits)"]
     clips = [node for node in graph.node if node.op_type == "Clip"]
     assert len(clips) == sum(node.op_type == "QuantizeLinear" for node in graph.node)  # every activation: 4 bits
     options = ort.SessionOptions()

@@ -5,6 +5,7 @@ with a step size learned from the observer's range on (`LearnedStepQuantizer`, L
 `weight_quantizer` build the two kinds the network uses: per-tensor asymmetric unsigned for activations,
 per-channel symmetric signed (narrow range) for weights.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,6 +55,11 @@ class Quantizer(nn.Cell):
     def qparams(self):
         """(scale, zero_point) as they stand: what integer inference and the exported model use."""
         return self.observer.qparams()
+
+    @property
+    def code_bits(self):
+        """Bits a packed storage of the codes needs: [qmin, qmax] holds qmax - qmin + 1 values."""
+        return math.ceil(math.log2(self.qmax - self.qmin + 1))
 
     def code_bounds(self, scale, zero_point, relu6=False):
         """[lowest, highest] code of the tensor quantized with (scale, zero_point), as training's rounding clamps
