@@ -11,7 +11,8 @@ Each rank's output goes to <log_dir>/worker_<rank>.log (msrun's naming) on the n
 When a rank fails (an error, or killed), msrun stops the others and this launcher ends with a message that names
 the rank, its log and the newest checkpoint the script reported ("checkpoint saved: PATH" lines of rank 0, as
 train.py writes them), from which `--resume latest` with the same command continues. A cluster that does not form
-(a node not started, a wrong --master_addr) fails after --cluster_timeout seconds; a port in use on node 0 at once.
+(a node not started, a wrong --master_addr) fails after --cluster_timeout seconds; on node 0, a port in use
+or an address not its own fails at once.
 """
 import argparse
 import errno
@@ -72,17 +73,24 @@ def msrun_command(script, script_args, worker_num, master_port=8118, log_dir="./
     return command + [script, *script_args]
 
 
-def port_in_use(address, port):
-    """Whether another process listens on address:port, where node 0's master is to listen."""
+def master_address_problem(address, port):
+    """Why node 0's master cannot listen at address:port (None if it can): the port taken by another process, or
+    an address that is not this machine's."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to the master
         try:
             probe.bind((address, port))
+        except socket.gaierror as err:
+            return f"--master_addr {address} does not resolve ({err.strerror})"
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                return True
+                return (f"the master's port is in use on this machine ({address}:{port}): another run? give another "
+                        f"--master_port (the same on every node)")
+            if err.errno == errno.EADDRNOTAVAIL:
+                return (f"--master_addr {address} is not an address of this machine, and node 0 (this node, "
+                        f"--node_rank 0) runs the master: give node 0's own address")
             raise
-    return False
+    return None
 
 
 def run_msrun(command, env):
@@ -201,9 +209,9 @@ def main():
     if args.cluster_timeout < 1:
         parser.error(f"--cluster_timeout must be at least 1 second, got {args.cluster_timeout}")
     master = f"{args.master_addr}:{args.master_port}"
-    if args.node_rank == 0 and port_in_use(args.master_addr, args.master_port):
-        parser.error(f"the master's port is in use on this machine ({master}): another run? give another "
-                     f"--master_port (the same on every node)")
+    problem = master_address_problem(args.master_addr, args.master_port) if args.node_rank == 0 else None
+    if problem:
+        parser.error(problem)
     threads = args.threads_per_worker or (None if "OMP_NUM_THREADS" in os.environ else threads_per_worker(local))
     command = msrun_command(args.script, args.script_args, args.worker_num, args.master_port, args.log_dir,
                             args.rank_table_file, local, args.node_rank, args.master_addr, args.cluster_timeout)

@@ -200,7 +200,7 @@ def test_each_worker_gets_its_share_of_the_cores():
 
 
 @pytest.mark.quick
-def test_launch_refuses_a_master_port_in_use(tmp_path):
+def test_launch_refuses_a_master_port_in_use_or_not_on_node_0(tmp_path):
     import socket
     script = tmp_path / "script.py"
     script.write_text("")
@@ -212,6 +212,10 @@ def test_launch_refuses_a_master_port_in_use(tmp_path):
                                   "--master_port", str(port), str(script)], capture_output=True, text=True)
     assert refused.returncode == 2
     assert f"the master's port is in use on this machine (127.0.0.1:{port})" in refused.stderr
+    elsewhere = subprocess.run([sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2",
+                                "--master_addr", "192.0.2.1", str(script)], capture_output=True, text=True)
+    assert elsewhere.returncode == 2  # TEST-NET-1: nobody's address
+    assert "--master_addr 192.0.2.1 is not an address of this machine, and node 0" in elsewhere.stderr
 
 
 def test_a_node_whose_master_never_answers_fails_within_the_cluster_timeout(tmp_path):
