@@ -191,8 +191,8 @@ def affine_act_fake_quant_op(library):
 
 
 def requantize_op(library):
-    """Custom operator (y, bias[C] int32, multiplier[C], zero_point[1]) -> uint8 codes (as float32) of y (N, C, ...)
-    holding exact integers; see fake_quant.cc. Inference only: no gradient."""
+    """Custom operator (y, bias[C] int32, multiplier[C], [zero_point, lowest, highest]) -> uint8 codes (as float32)
+    of y (N, C, ...) holding exact integers, clamped to [lowest, highest]; see fake_quant.cc. Inference only."""
     return ops.Custom(f"{library}:Requantize", _shape_of(0), ms.float32, "aot")
 
 

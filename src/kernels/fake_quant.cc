@@ -30,9 +30,10 @@
 // The backward passes recompute act(a * y + b) from y: only y is kept for them, not the tensors between.
 //
 // Integer inference (src/quant/integer.py), each one pass where MindSpore ops took several:
-//   Requantize (y, bias[C] int32, multiplier[C], zero_point[1]) -> codes: y (N, C, ...) a convolution's or matrix
-//              product's output holding exact integers (|y| < 2^24); codes = clamp(rint(float(int32(y) + bias)
-//              * multiplier) + zero_point, 0, 255), as ONNX Runtime's QLinearConv requantizes.
+//   Requantize (y, bias[C] int32, multiplier[C], settings[3] = {zero_point, lowest, highest}) -> codes: y (N, C,
+//              ...) a convolution's or matrix product's output holding exact integers (|y| < 2^24); codes =
+//              clamp(rint(float(int32(y) + bias) * multiplier) + zero_point, lowest, highest): ONNX Runtime's
+//              QLinearConv requantization (lowest, highest = 0, 255) and the code bounds' Clip after it, one pass.
 //   QLinearAdd (a, b, constants[3] = {ratio_a, ratio_b, constant}) -> clamp(rint(fma(a, ratio_a, fma(b, ratio_b,
 //              constant))), 0, 255), as MLAS's AVX2 QLinearAdd kernel (each fma rounded once: std::fma).
 
@@ -416,25 +417,26 @@ extern "C" int Requantize(int nparam, void **params, int *ndims, int64_t **shape
   if (nparam != 5 || std::string(dtypes[0]) != "float32" || std::string(dtypes[1]) != "int32" ||
       std::string(dtypes[2]) != "float32" || std::string(dtypes[3]) != "float32" || !nchw(ndims, shapes, 0, &p) ||
       !channel_vector(ndims, shapes, 1, p.c) || !channel_vector(ndims, shapes, 2, p.c) ||
-      !channel_vector(ndims, shapes, 3, 1)) {
+      !channel_vector(ndims, shapes, 3, 3)) {
     return 1;
   }
   const float *y = static_cast<const float *>(params[0]);
   const int32_t *bias = static_cast<const int32_t *>(params[1]);
   const float *multiplier = static_cast<const float *>(params[2]);
-  const float zero_point = *static_cast<const float *>(params[3]);
+  const float *settings = static_cast<const float *>(params[3]);
+  const float zero_point = settings[0], lowest = settings[1], highest = settings[2];
   float *out = static_cast<float *>(params[4]);
   const int64_t planes = p.n * p.c, channels = p.c, plane = p.plane;
 #pragma omp parallel for schedule(static)
   for (int64_t q = 0; q < planes; ++q) {
     const int32_t shift = bias[q % channels];
-    const float scale = multiplier[q % channels], zero = zero_point;
+    const float scale = multiplier[q % channels], zero = zero_point, low = lowest, high = highest;
     const float *in = y + q * plane;
     float *codes = out + q * plane;
 #pragma omp simd
     for (int64_t i = 0; i < plane; ++i) {
       const float v = std::rint(static_cast<float>(static_cast<int32_t>(in[i]) + shift) * scale) + zero;
-      codes[i] = clamp(v, 0.0f, 255.0f);
+      codes[i] = clamp(v, low, high);
     }
   }
   return 0;

@@ -45,10 +45,12 @@ class _IntegerLayer:
         product = integer.accumulate(product, codes - input_zero_point, weight_codes, self.weight_digits)
         scale, zero_point = self.output_quant.qparams()
         multiplier = input_scale * weight_scale / scale
-        if self.requantize_kernel is not None:
-            codes = self.requantize_kernel(product, bias, multiplier, zero_point.reshape(1))
-        else:
-            codes = integer.requantize(product, bias, multiplier, zero_point)
+        if self.requantize_kernel is not None:  # the clamp to the code bounds in the same pass
+            zero = zero_point.reshape(1)
+            lowest, highest = self.output_quant.code_bounds(scale, zero_point, relu6)
+            settings = ops.concat((zero, zero * 0 + lowest, zero * 0 + highest))
+            return self.requantize_kernel(product, bias, multiplier, settings), scale, zero_point
+        codes = integer.requantize(product, bias, multiplier, zero_point)
         return self.output_quant.clamp_codes((codes, scale, zero_point), relu6)
 
 

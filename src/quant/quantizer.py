@@ -15,6 +15,7 @@ from mindspore import nn, ops, Parameter, Tensor
 
 from src.layers import channel_affine_act
 from src.quant.fake_quant import FakeQuantize, LearnedStepFakeQuantize, quant_range
+from src.quant.integer import ACTIVATION_CODES
 from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObserver, SCALE_EPS, switch_parameter
 
 
@@ -75,6 +76,8 @@ class Quantizer(nn.Cell):
     def clamp_codes(self, quantized, relu6=False):
         """A quantized activation (codes, scale, zero point) with its codes clamped to `code_bounds`."""
         codes, scale, zero_point = quantized
+        if not relu6 and (self.qmin, self.qmax) == (0, ACTIVATION_CODES):
+            return quantized  # the codes are uint8 already
         lowest, highest = self.code_bounds(scale, zero_point, relu6)
         return ops.clip_by_value(codes, lowest, highest), scale, zero_point
 
