@@ -67,7 +67,7 @@ class Quantizer(nn.Cell):
         it: [qmin, qmax], within which ReLU6 before the quantizer (`relu6`) keeps codes from the code of 0 to the
         code of 6 (clamping codes is clamping values: rounding is monotone). Deployed, codes are uint8, [0, 255]:
         where these bounds are narrower (fewer than 8 bits, or 6 below the range's top) the codes are clamped to
-        them (`clamp_codes`, and an integer Clip in the ONNX model)."""
+        them (the Requantize CPU kernel, `clamp_codes` on MindSpore ops, and an integer Clip in the ONNX model)."""
         lowest, highest = float(self.qmin), float(self.qmax)
         if not relu6:
             return lowest, highest
