@@ -2,9 +2,13 @@
 
     python analyze.py --checkpoint_path mobilenetV2_quant-60_1601.ckpt --dataset_path ~/imagenet/val
     python analyze.py --checkpoint_path mobilenetV2_float-200_5004.ckpt --dataset_path ~/imagenet/val --batches 32
+    python analyze.py --checkpoint_path mobilenetV2_float-200_5004.ckpt --dataset_path ~/imagenet/train \
+        --weight_bits 4 --weight_bits_budget 5 --bits_plan_output bits_plan.json
 A quantized checkpoint is measured with its own ranges; a float one is first calibrated on the same images (as
 train.py --mode ptq does). Prints a Markdown table, worst first, writes it to --report and a bar chart of the most
 sensitive tensors to --output (the chart needs matplotlib). Images: the first --batches full batches.
+--weight_bits_budget B also writes a mixed-precision plan for train.py --bits_plan: the layers whose weights suffer
+most at --weight_bits, worst first, get --wide_weight_bits while the average bits per weight stays within B.
 """
 import os
 import sys
@@ -17,6 +21,9 @@ from eval import load_network
 from src import checkpoint
 from src.config import parse_args, print_config
 from src.dataset import DatasetError, Epoch, create_dataset, full_batches
+from src.export import weight_storage
+from src.quant import bits_plan
+from src.quant.layers import weight_layers
 from src.quant.schedule import calibrate_ranges
 from src.sensitivity import draw, measure, table, worst_first
 
@@ -27,6 +34,27 @@ def add_args(parser):
     parser.add_argument("--batches", type=int, default=16, help="full batches of --batch_size images to use")
     parser.add_argument("--report", default="sensitivity.md", help="the Markdown table to write")
     parser.add_argument("--output", default="sensitivity.png", help="the bar chart to write (needs matplotlib)")
+    parser.add_argument("--weight_bits_budget", type=float, default=None,
+                        help="write a mixed-precision plan whose average bits per weight stays within this budget")
+    parser.add_argument("--wide_weight_bits", type=int, default=7,
+                        help="the weight bits of the layers the plan widens (7: exact on every x86 ONNX Runtime)")
+    parser.add_argument("--bits_plan_output", default="bits_plan.json", help="the plan to write")
+
+
+def write_plan(args, network, rows):
+    """Choose and write the mixed-precision plan; returns {layer: bits}."""
+    sizes = {name: layer.weight.size for name, layer in weight_layers(network).items()}
+    sensitivity = {row["layer"]: row["sqnr_db"] for row in rows if row["kind"] == "weights"}
+    weight_bits = network.quant_config.weight_bits
+    plan = bits_plan.choose(sensitivity, sizes, weight_bits, args.wide_weight_bits, args.weight_bits_budget)
+    average = bits_plan.average_weight_bits(sizes, weight_bits, plan)
+    bits_plan.write(args.bits_plan_output, weight_bits, plan, budget=args.weight_bits_budget,
+                    average_weight_bits=round(average, 4), source=os.path.basename(args.checkpoint_path))
+    print(f"bits plan: {len(plan)} of {len(sizes)} layers at {args.wide_weight_bits} bits "
+          f"({', '.join(plan) or 'none fits the budget'}), the others at {weight_bits}: {average:.2f} bits a weight "
+          f"on average (budget {args.weight_bits_budget}); wrote {args.bits_plan_output}\n"
+          f"train with it: python train.py --bits_plan {args.bits_plan_output} ...")
+    return plan
 
 
 def main(argv=None):
@@ -38,10 +66,16 @@ def main(argv=None):
     try:
         kind = checkpoint.read(args.checkpoint_path, only=())[1].get("network_kind", checkpoint.FLOAT)
         network = load_network(args.checkpoint_path, config, given=args.config_given, quantized=True)
+        if args.weight_bits_budget is not None:
+            if network.quant_config.layer_weight_bits:
+                raise bits_plan.BitsPlanError(
+                    f"{args.checkpoint_path} already follows a bits plan; a plan is made from a network whose "
+                    f"weights all take --weight_bits (the float checkpoint, or a quantized one without a plan)")
+            bits_plan.check_budget(config.weight_bits, args.wide_weight_bits, args.weight_bits_budget)
         print_config(config)
         batches = list(full_batches(Epoch(create_dataset(args.dataset_path, False, config)), config.batch_size,
                                     args.batches))
-    except (DatasetError, checkpoint.CheckpointError) as err:
+    except (DatasetError, checkpoint.CheckpointError, bits_plan.BitsPlanError) as err:
         sys.exit(f"error: {err}")
     if not batches:
         sys.exit(f"error: {args.dataset_path} holds fewer images than one batch of {config.batch_size}: lower "
@@ -51,7 +85,7 @@ def main(argv=None):
         print(f"float checkpoint: ranges calibrated on the {len(batches)} batch(es) measured")
     images, labels = [b[0] for b in batches], np.concatenate([b[1] for b in batches])
     reference, everything, rows = measure(network, images, labels, config.batch_size)
-    bits = f"{network.quant_config.weight_bits}-bit weights, {network.quant_config.act_bits}-bit activations"
+    bits = f"weights at {weight_storage(network)[2]}, {network.quant_config.act_bits}-bit activations"
     report = table(reference, everything, rows, bits, len(labels))
     print(report)
     weakest = ", ".join(row["tensor"] for row in worst_first(rows)[:3])
@@ -63,6 +97,8 @@ def main(argv=None):
         print(f"wrote {args.report} and {args.output}")
     except ImportError:
         print(f"wrote {args.report}; no chart: matplotlib is not installed (pip install matplotlib)")
+    if args.weight_bits_budget is not None:
+        write_plan(args, network, rows)
     return reference, everything, rows
 
 

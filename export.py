@@ -37,9 +37,8 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     print(f"exported {args.ckpt_file} as {path}")
     if getattr(network, "quantized", False):
-        stored, packed = weight_storage(network)
-        print(f"weights: {stored} bytes as int8 codes; {packed} bytes packed at their bit widths "
-              f"({network.quant_config.weight_bits} bits)")
+        stored, packed, widths = weight_storage(network)
+        print(f"weights: {stored} bytes as int8 codes; {packed} bytes packed at their bit widths ({widths})")
     return path
 
 

@@ -4,6 +4,7 @@ post-training quantization (calibration only, the baseline QAT is measured again
     python train.py --device_target CPU --dataset_path ~/imagenet/train --pre_trained mobilenetV2_float.ckpt
     python train.py --mode float --dataset_path ~/imagenet/train --start_epoch 0 --epoch_size 200
     python train.py --mode ptq --dataset_path ~/imagenet/train --pre_trained mobilenetV2_float.ckpt
+    python train.py --dataset_path ~/imagenet/train --pre_trained mobilenetV2_float.ckpt --bits_plan bits_plan.json
 Any config key (src/config.py) can be overridden: --batch_size 64 --lr 0.05 ...
 """
 import os
@@ -16,6 +17,7 @@ from mindspore.communication import GlobalComm, get_group_size, get_rank, init
 from src.config import parse_args, parse_bool, print_config
 from src.dataset import DatasetError
 from src.checkpoint import CheckpointError
+from src.quant import bits_plan
 from src.trainer import calibrate, train, TrainingError
 
 
@@ -32,6 +34,9 @@ def add_args(parser):
     parser.add_argument("--eval_dataset_path", default=None,
                         help="validation images, one folder per class: top-1/top-5 every --eval_interval epochs, "
                              "the best network kept as <prefix>-best.ckpt")
+    parser.add_argument("--bits_plan", default=None,
+                        help="a mixed-precision plan (analyze.py --weight_bits_budget writes one): the weight bits of "
+                             "the layers it names; the others take its weight_bits")
     parser.add_argument("--resume", default=None,
                         help="continue a run exactly from one of its checkpoints ('latest': the newest one)")
     parser.add_argument("--run_distribute", type=parse_bool, default=False,
@@ -63,6 +68,17 @@ def main(argv=None):
     if args.mode == "ptq" and (args.pre_trained is None or args.resume or args.run_distribute):
         sys.exit("error: --mode ptq calibrates the float checkpoint --pre_trained on one device: give "
                  "--pre_trained, and no --resume or --run_distribute")
+    if args.bits_plan:
+        if args.mode == "float":
+            sys.exit("error: --bits_plan sets quantized layers' bit widths; --mode float has none")
+        try:
+            weight_bits, config.layer_weight_bits = bits_plan.read(args.bits_plan)
+        except bits_plan.BitsPlanError as err:
+            sys.exit(f"error: {err}")
+        if "weight_bits" in args.config_given and config.weight_bits != weight_bits:
+            sys.exit(f"error: --bits_plan {args.bits_plan} was made for --weight_bits {weight_bits} (the layers it "
+                     f"does not name take it), this command gives --weight_bits {config.weight_bits}")
+        config.weight_bits = weight_bits
     rank, group_size, group = init_data_parallel() if args.run_distribute else (0, 1, None)
     if rank == 0:
         print_config(config)
@@ -74,7 +90,7 @@ def main(argv=None):
                          resume=args.resume, reinit_classifier=args.reinit_classifier, rank=rank,
                          group_size=group_size, sync_group=group, eval_dataset_path=args.eval_dataset_path,
                          progress=sys.stdout if sys.stdout.isatty() else None)  # redirected: the plain lines
-    except (DatasetError, CheckpointError, TrainingError) as err:
+    except (DatasetError, CheckpointError, TrainingError, bits_plan.BitsPlanError) as err:
         sys.exit(f"error: {err}")
     print(f"last checkpoint: {last}")
     return last

@@ -3,8 +3,10 @@ with min/max ranges and QAT with learned step sizes (LSQ), all from one float ch
 inference; the LSQ model is exported to INT8 ONNX and its parity with the checkpoint measured. Prints a table and
 writes the figures, with the CPU and the date, as JSON.
 
-    python benchmarks/low_bit.py [--output_path ./low_bit_run] [--bits 4/8,4/4] [--float_checkpoint F]
-The float checkpoint, when not given, is trained as demo.py trains it.
+    python benchmarks/low_bit.py [--output_path ./low_bit_run] [--bits 4/8,4/4] [--mixed 3:4.0/8] [--float_checkpoint F]
+--mixed W:B/A adds mixed-precision plans: analyze.py's plan from the float checkpoint at W-bit weights, widening
+layers to 7 bits within B bits a weight on average, with A-bit activations. The float checkpoint, when not given,
+is trained as demo.py trains it.
 """
 import argparse
 import datetime
@@ -15,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import analyze as analyze_script  # noqa: E402
 import eval as evaluate_script  # noqa: E402
 import export as export_script  # noqa: E402
 import train as train_script  # noqa: E402
@@ -27,10 +30,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_path", default="./low_bit_run")
     parser.add_argument("--bits", default="4/8,4/4", help="weight/activation bits, comma-separated")
+    parser.add_argument("--mixed", default="", help="mixed-precision plans, weight bits:budget/activation bits, "
+                                                     "comma-separated (e.g. 3:4.0/8)")
     parser.add_argument("--float_checkpoint", default=None)
     parser.add_argument("--float_epochs", type=int, default=20)
     parser.add_argument("--qat_epochs", type=int, default=5)
     parser.add_argument("--qat_lr", type=float, default=0.005, help="constant QAT learning rate")
+    parser.add_argument("--bn_reestimation_batches", type=int, default=0,
+                        help="QAT: batches over which BN statistics are re-estimated before BN freezes (0: none)")
     parser.add_argument("--lsq_observer_epochs", type=int, default=1,
                         help="LSQ: epochs of observed ranges before the step sizes are learned")
     args = parser.parse_args()
@@ -43,14 +50,29 @@ def main():
     evaluate = lambda path, *extra: run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", path,
                                                           *DEMO_CONFIG, *extra])
     results = {"cpu": cpu_info(), "date": datetime.date.today().isoformat(), "qat_epochs": args.qat_epochs,
-               "qat_lr": args.qat_lr, "float": evaluate(float_ckpt)["acc"], "plans": {}}
+               "qat_lr": args.qat_lr, "bn_reestimation_batches": args.bn_reestimation_batches,
+               "float": evaluate(float_ckpt)["acc"], "plans": {}}
     qat = ["--dataset_path", train_path, "--pre_trained", float_ckpt, *DEMO_CONFIG, "--start_epoch", "0",
            "--epoch_size", str(args.qat_epochs), "--lr", str(args.qat_lr), "--lr_end", str(args.qat_lr),
-           "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1), "--keep_checkpoint_max", "1"]
-    for plan in args.bits.split(","):
-        weight_bits, act_bits = plan.split("/")
-        bits = ["--weight_bits", weight_bits, "--act_bits", act_bits]
-        folder = os.path.join(args.output_path, f"w{weight_bits}a{act_bits}")
+           "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1), "--keep_checkpoint_max", "1",
+           "--bn_reestimation_batches", str(args.bn_reestimation_batches)]
+    plans = [(plan, plan.split("/")[0], ["--weight_bits", plan.split("/")[0], "--act_bits", plan.split("/")[1]])
+             for plan in args.bits.split(",") if plan]
+    for mixed in (m for m in args.mixed.split(",") if m):
+        weight_bits, rest = mixed.split(":")
+        budget, act_bits = rest.split("/")
+        report = os.path.join(args.output_path, f"plan_w{weight_bits}_{budget}")
+        plan_path = report + ".json"
+        run(analyze_script, ["--checkpoint_path", float_ckpt, "--dataset_path", train_path, *DEMO_CONFIG,
+                             "--weight_bits", weight_bits, "--act_bits", act_bits, "--batches", "8",
+                             "--weight_bits_budget", budget, "--bits_plan_output", plan_path,
+                             "--report", report + ".md", "--output", report + ".png"])
+        with open(plan_path) as f:
+            average = json.load(f)["average_weight_bits"]
+        plans.append((f"{weight_bits}-7 ({average:.2f} on average)/{act_bits}", f"w{weight_bits}_{budget}",
+                      ["--bits_plan", plan_path, "--act_bits", act_bits]))
+    for plan, name, bits in plans:
+        folder = os.path.join(args.output_path, name)
         ptq = run(train_script, ["--mode", "ptq", "--dataset_path", train_path, "--pre_trained", float_ckpt,
                                  *DEMO_CONFIG, *bits, "--calibration_batches", "10",
                                  "--save_checkpoint_path", os.path.join(folder, "ptq")])

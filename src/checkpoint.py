@@ -4,6 +4,7 @@ A checkpoint holds the network's Parameters, optionally the training state (opti
 metadata entries that say what network it is and where training stood. Loading never half-loads: every name
 the network needs must be there with the right shape, or the load fails naming what is wrong.
 """
+import json
 import os
 
 import mindspore as ms
@@ -11,9 +12,10 @@ import numpy as np
 
 
 # What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood.
-# weight_bits, act_bits and quantizer only in quantized checkpoints: the stored ranges mean nothing at another bit
-# width, and LSQ's step sizes are Parameters that a minmax network does not have.
-NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits", "quantizer")
+# weight_bits, act_bits, layer_weight_bits (a mixed-precision plan, JSON) and quantizer only in quantized
+# checkpoints: the stored ranges mean nothing at another bit width, and LSQ's step sizes are Parameters that a
+# minmax network does not have.
+NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits", "layer_weight_bits", "quantizer")
 # What it says about the input it was trained on (src.dataset.input_record): size and normalisation.
 INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
 META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num", "val_acc")
@@ -40,8 +42,9 @@ def save(cell, path, network, epoch_num, step_num, record=None):
     meta = {"network_kind": network_kind(network), "num_classes": network.num_classes,
             "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
     if network.quant_config is not None:
-        meta.update(weight_bits=network.quant_config.weight_bits, act_bits=network.quant_config.act_bits,
-                    quantizer=network.quant_config.quantizer)
+        quant = network.quant_config
+        meta.update(weight_bits=quant.weight_bits, act_bits=quant.act_bits, quantizer=quant.quantizer,
+                    layer_weight_bits=json.dumps(dict(quant.layer_weight_bits), sort_keys=True))
     for key, value in (record or {}).items():
         meta[key] = ms.Tensor(np.array(value, np.float32)) if isinstance(value, (list, tuple)) else value
     tmp = path[:-len(".ckpt")] + ".tmp.ckpt" if path.endswith(".ckpt") else path + ".tmp.ckpt"
@@ -68,7 +71,7 @@ def read(path, only=None):
             if not isinstance(value, str):
                 value = value.asnumpy()
                 value = value.item() if value.ndim == 0 else value.tolist()
-            meta[key] = value
+            meta[key] = json.loads(value) if key == "layer_weight_bits" else value
     if "network_kind" not in meta and only is None:
         # A checkpoint from elsewhere: the observers' state tells a quantized network from a float one.
         meta["network_kind"] = QUANT if any(".observer." in name for name in entries) else FLOAT

@@ -4,6 +4,7 @@ Every key can be overridden on the command line as `--key value`; `parse_args` r
 of the wrong type, naming them, and prints the effective configuration.
 """
 import argparse
+import copy
 import sys
 
 from easydict import EasyDict as ed
@@ -40,9 +41,15 @@ _COMMON = dict(
     # "minmax": scales from the observed ranges; "lsq": learned step sizes (LSQ), started from the ranges observed
     # until freeze_observer_epochs (give it 1 or more: an epoch of ranges to start from).
     quantizer="minmax",
+    # {layer name: weight bits} for layers whose weights take other bits than weight_bits: a mixed-precision plan,
+    # set by train.py --bits_plan FILE (not an option of its own) and recorded in checkpoints.
+    layer_weight_bits={},
     quant_delay_epochs=0,     # observers watch, nothing is rounded
     freeze_bn_epochs=50,      # from here BN uses its running statistics: training sees the folded inference model
     freeze_observer_epochs=55,
+    # Training batches (of the epoch BN freezes in) over which BN statistics are re-estimated just before BN
+    # freezes, with the weights as they then are (0: no re-estimation; the running averages are kept).
+    bn_reestimation_batches=0,
     calibration_batches=32,   # --mode ptq: training batches the observers see (post-training quantization)
     # Data
     crop_min_scale=0.08,      # RandomResizedCrop scale range (crop_min_scale, 1.0)
@@ -100,15 +107,19 @@ def parse_args(description, add_script_args, argv=None):
     add_script_args(parser)
     overrides = parser.add_argument_group("config overrides (defaults for the chosen --device_target)")
     for key, default in defaults.items():
+        if isinstance(default, dict):
+            continue  # structured values come from files (train.py --bits_plan), not from --key value
         overrides.add_argument(f"--{key}", type=_typed(default), default=default, metavar=type(default).__name__.upper())
     args = parser.parse_args(argv)
     # The config keys set on the command line, as opposed to defaults: a checkpoint's record may fill the others.
     given = {token.split("=", 1)[0][2:] for token in (sys.argv[1:] if argv is None else argv)
              if token.startswith("--")}
     args.config_given = given & set(defaults)
-    config = ed({key: getattr(args, key) for key in defaults})
+    config = ed({key: getattr(args, key) if hasattr(args, key) else copy.deepcopy(default)
+                 for key, default in defaults.items()})
     for key in defaults:
-        delattr(args, key)
+        if hasattr(args, key):
+            delattr(args, key)
     error = validate(config)
     if error:
         parser.error(error)
@@ -132,6 +143,7 @@ def validate(config):
         if config[key] < 1:
             return f"--{key} must be at least 1, got {config[key]}"
     for key in ("epoch_size", "start_epoch", "warmup_epochs", "save_checkpoint_steps", "quant_delay_epochs",
+                "bn_reestimation_batches",
                 "freeze_bn_epochs",
                 "freeze_observer_epochs"):
         if config[key] < 0:

@@ -4,7 +4,7 @@ from mindspore import nn, ops
 
 from src.layers import FloatLayers, make_divisible
 from src.quant import integer
-from src.quant.layers import QuantLayers
+from src.quant.layers import QuantLayers, set_layer_weight_bits
 from src.quant.quantizer import QuantConfig
 
 # (expansion t, output channels c, repeats n, first stride s) of each stage of inverted residual blocks.
@@ -68,6 +68,8 @@ class MobileNetV2(nn.Cell):
         self.features = nn.SequentialCell(features)
         self.pool_quant = layers.activation_quant()
         self.classifier = layers.dense(last_channels, num_classes)
+        if quant_config is not None and quant_config.layer_weight_bits:
+            set_layer_weight_bits(self, dict(quant_config.layer_weight_bits))
 
     def construct(self, x):
         if self.integer_inference and not self.training:
@@ -89,5 +91,7 @@ def network_from_config(config, quantized, sync_group=None):
     quant_config = None
     if quantized:
         quant_config = QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits,
-                                   ema_decay=config.ema_decay, quantizer=config.quantizer, sync_group=sync_group)
+                                   ema_decay=config.ema_decay, quantizer=config.quantizer,
+                                   layer_weight_bits=tuple(sorted(config.layer_weight_bits.items())),
+                                   sync_group=sync_group)
     return mobilenet_v2(config.num_classes, config.width_mult, quant_config)

@@ -54,9 +54,9 @@ def _logits(predict, images):
 def measure(network, images, labels, batch_size):
     """Sensitivity of every quantized tensor of `network` (ranges as they are) over `images` (a list of batches)
     and `labels` (all of them, concatenated). Returns (reference, all_quantized, rows): the all-float and the
-    fully quantized {"acc", "sqnr_db"}, and one row per tensor {"tensor", "kind", "acc", "sqnr_db"}, in network
-    order. The rounding switches are left as they were; the network's inference is fake quantization afterwards
-    (set_integer_inference)."""
+    fully quantized {"acc", "sqnr_db"}, and one row per tensor {"tensor", "layer" (the quantizer's owner, ""
+    for the network's input and pool), "kind", "acc", "sqnr_db"}, in network order. The rounding switches are
+    left as they were; the network's inference is fake quantization afterwards (set_integer_inference)."""
     set_integer_inference(network, False)
     predict = network_predictor(network, batch_size)
     found = quantizers(network)
@@ -71,8 +71,8 @@ def measure(network, images, labels, batch_size):
             quantizer.quant_enabled.set_data(Tensor(1.0, ms.float32))
             logits = _logits(predict, images)
             quantizer.quant_enabled.set_data(Tensor(0.0, ms.float32))
-            rows.append({"tensor": describe(name, quantizer), "kind": _kind(quantizer), "acc": top1(logits, labels),
-                         "sqnr_db": sqnr_db(reference, logits)})
+            rows.append({"tensor": describe(name, quantizer), "layer": name.rpartition(".")[0],
+                         "kind": _kind(quantizer), "acc": top1(logits, labels), "sqnr_db": sqnr_db(reference, logits)})
     finally:
         for name, quantizer in found:
             quantizer.quant_enabled.set_data(Tensor(before[name]))

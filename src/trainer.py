@@ -15,7 +15,7 @@ from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import network_from_config
 from src.quant.layers import quant_state_names
-from src.quant.schedule import QuantSchedule, calibrate_ranges
+from src.quant.schedule import QuantSchedule, calibrate_ranges, reestimate_bn_statistics
 from src.utils import CrossEntropySmooth, Monitor
 
 NO_DECAY_SUFFIXES = ("gamma", "beta", "bias", "step_size")
@@ -95,6 +95,10 @@ def _check_resume(path, config, kind, schedule_steps, log):
         if key in meta and meta[key] != config[key]:
             raise TrainingError(f"--resume {path} was trained with {key} {meta[key]}, this run asks for "
                                 f"{config[key]}: give --{key} {meta[key]}")
+    if meta.get("layer_weight_bits", {}) != config.layer_weight_bits:
+        raise TrainingError(f"--resume {path} was trained with the layer bit widths "
+                            f"{meta.get('layer_weight_bits', {})}, this run asks for {dict(config.layer_weight_bits)}: "
+                            f"give --bits_plan with the plan it was trained with (or none)")
     check_input_record(config, meta, path, log=log)
     saved = entries.get("learning_rate")
     if saved is not None and saved.shape[0] != schedule_steps:
@@ -116,6 +120,16 @@ def _count_full_batches(data, config):
         raise TrainingError(f"{data.source_path} has {data.num_images} images for this rank, fewer than one batch "
                             f"of {config.batch_size}: lower --batch_size")
     return count
+
+
+def _reestimate_bn(network, train_cell, dataset_path, config, rank, group_size, epoch, log):
+    """BN statistics re-estimated over the first config.bn_reestimation_batches batches of this epoch's training
+    data (its order and augmentation are seeded by the epoch: a resumed run sees the same images)."""
+    data = Epoch(create_dataset(dataset_path, True, config, rank, group_size, epoch=epoch))
+    seen = reestimate_bn_statistics(network, (images for images, _ in full_batches(
+        data, config.batch_size, config.bn_reestimation_batches)))
+    train_cell.set_train(True)
+    log(f"BN statistics re-estimated over {seen} batches before BN freezes")
 
 
 def train(config, dataset_path, quantized=True, pretrained=None, resume=None, reinit_classifier=False,
@@ -190,6 +204,8 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
             if i < done_in_epoch:
                 continue
             if schedule is not None:
+                if step == schedule.freeze_bn and config.bn_reestimation_batches:
+                    _reestimate_bn(network, train_cell, dataset_path, config, rank, group_size, epoch, log)
                 schedule.apply(network, step)
             monitor.step_begin()
             loss, _, _ = train_cell(Tensor(images), Tensor(labels))

@@ -55,11 +55,12 @@ def float_run(demo_data, tmp_path_factory):
 def qat_run_argv(demo_data, float_run):
     """qat_run's command: 2 QAT epochs of 6 steps from float_run, BN and observers frozen after one, a checkpoint
     every 4 steps besides the epoch ends (the one in the middle of epoch 1 is what test_resume_continues_exactly
-    resumes from, across the freeze), the dynamic loss scale (its state is resumed too), validated every epoch."""
+    resumes from, across the freeze and the BN re-estimation before it), the dynamic loss scale (its state is
+    resumed too), validated every epoch."""
     return ["--dataset_path", demo_data[0], "--pre_trained", float_run, *tiny_argv(), "--start_epoch", "2",
             "--epoch_size", "2", "--lr", "0.05", "--freeze_bn_epochs", "1", "--freeze_observer_epochs", "1",
             "--loss_scale_type", "dynamic", "--save_checkpoint_steps", "4", "--keep_checkpoint_max", "4",
-            "--eval_dataset_path", demo_data[1]]
+            "--bn_reestimation_batches", "2", "--eval_dataset_path", demo_data[1]]
 
 
 @pytest.fixture(scope="session")

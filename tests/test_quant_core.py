@@ -349,3 +349,36 @@ def test_schedule_flips_switches_at_their_steps():
         schedule.apply(layer, step)
         seen.append(switches())
     assert seen == [(0, 0, 1, 1), (0, 0, 1, 1), (1, 0, 1, 1), (1, 1, 1, 1), (1, 1, 0, 0)]
+
+
+def test_bn_reestimation_takes_the_mean_of_the_batch_statistics_of_the_quantized_convolution():
+    """reestimate_bn_statistics against NumPy: each channel's running mean and variance become the mean over the
+    batches of the batch statistics of conv(x, Wq) / fold_scale (Wq: the weights folded by the running statistics
+    as they stood, quantized per channel), activation ranges untouched; a frozen BN is refused."""
+    from src.quant.schedule import reestimate_bn_statistics
+    _, layer = _conv_pair(groups=1)
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(0.5, 1.0, (4, 8, 6, 6)).astype(f32) for _ in range(2)]
+    gamma, mean, variance = (getattr(layer, n).asnumpy() for n in ("gamma", "moving_mean", "moving_variance"))
+    fold_scale = gamma / np.sqrt(variance + f32(BN_EPS))
+    folded = layer.weight.asnumpy() * fold_scale.reshape(-1, 1, 1, 1)
+    scale = np.maximum(np.abs(folded).max(axis=(1, 2, 3)) / f32(127), np.finfo(f32).eps).reshape(-1, 1, 1, 1)
+    quantized = np.clip(np.round(folded / scale), -127, 127) * scale
+    statistics = []
+    for x in batches:
+        padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+        patches = np.stack([padded[:, :, i:i + 6, j:j + 6] for i in range(3) for j in range(3)], axis=2)
+        y = np.einsum("nckhw,ock->nohw", patches, quantized.reshape(8, 8, 9)) / fold_scale.reshape(1, -1, 1, 1)
+        statistics.append((y.mean(axis=(0, 2, 3)), y.var(axis=(0, 2, 3), ddof=1)))
+    range_before = layer.output_quant.observer.qparams()[0].asnumpy()
+    assert reestimate_bn_statistics(layer, iter(batches)) == 2
+    np.testing.assert_allclose(layer.moving_mean.asnumpy(), np.mean([s[0] for s in statistics], axis=0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer.moving_variance.asnumpy(), np.mean([s[1] for s in statistics], axis=0),
+                               rtol=1e-4)
+    assert not np.allclose(layer.moving_mean.asnumpy(), mean, atol=0.1)  # it moved, far from where it started
+    np.testing.assert_array_equal(layer.output_quant.observer.qparams()[0].asnumpy(), range_before)
+    assert layer.output_quant.observer.enabled.asnumpy() == 1
+    layer.bn_frozen.set_data(Tensor(1.0, ms.float32))
+    with pytest.raises(ValueError, match="before BN freezes; this network's BN is frozen"):
+        reestimate_bn_statistics(layer, iter(batches))

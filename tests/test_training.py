@@ -113,11 +113,12 @@ def test_another_normalisation_is_refused():
 
 
 def test_resume_continues_exactly(demo_data, float_run, qat_run, tmp_path):
-    """qat_run's command, resumed from its checkpoint in the middle of epoch 1 (BN and observers freeze at the
-    start of epoch 2, after the resume): it ends where qat_run ended, bit for bit, the optimizer's state and the
-    dynamic loss scale included."""
+    """qat_run's command, resumed from its checkpoint in the middle of epoch 1 (BN statistics are re-estimated and
+    BN and observers freeze at the start of epoch 2, after the resume): it ends where qat_run ended, bit for bit,
+    the optimizer's state and the dynamic loss scale included."""
     import train as train_script
-    last, _ = qat_run
+    last, log = qat_run
+    assert log.count("BN statistics re-estimated over 2 batches before BN freezes") == 1
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copy(os.path.join(os.path.dirname(last), "mobilenetV2_quant-1_4.ckpt"), resumed_dir)
@@ -258,7 +259,7 @@ def test_sensitivity_report_measures_each_tensor_alone(demo_data, qat_run, tmp_p
     reference, everything, rows = analyze.main(["--checkpoint_path", last, "--dataset_path", val_path, *tiny_argv(),
                                                 "--batches", "1", "--report", str(report), "--output", str(chart)])
     out = capsys.readouterr().out
-    assert "7-bit weights, 8-bit activations" in out and "weakest: " in out and report.read_text() in out
+    assert "weights at 7 bits, 8-bit activations" in out and "weakest: " in out and report.read_text() in out
     with open(chart, "rb") as f:
         header = f.read(24)
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1000, 1000)

@@ -6,12 +6,15 @@ what the exported INT8 model computes (src/quant/integer.py), on activations tha
 zero_point); `set_integer_inference(network, False)` brings back fake quantization in inference, which lets the
 rounding of single tensors be switched (quantization sensitivity).
 """
+from dataclasses import replace
+
 from mindspore import ops
 from mindspore.communication import get_group_size
 
 from src.kernels import cpu_kernel_library, qlinear_add_op, requantize_op
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, values_per_channel
 from src.quant import integer
+from src.quant.bits_plan import BitsPlanError
 from src.quant.observers import switch_parameter
 from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantizer
 
@@ -20,11 +23,19 @@ class _IntegerLayer:
     """What a quantized convolution or dense layer deploys as: int8 weight codes, int32 bias, requantization."""
     integer_inference = True
 
-    def _init_integer(self, fan_in):
+    def _init_weight_quant(self, config, fan_in):
+        """The weight quantizer at config's weight_bits, and how the integer product of `fan_in` terms is taken."""
+        self.quant_config, self.fan_in = config, fan_in
+        self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         # Wide layers whose products could leave float32's exact integers are computed digit by digit.
         self.weight_digits = integer.needs_weight_digits(fan_in, self.weight_quant.qmax)
         library = cpu_kernel_library()
         self.requantize_kernel = requantize_op(library) if library and not self.weight_digits else None
+
+    def set_weight_bits(self, bits):
+        """Quantize this layer's weights at `bits` instead of the config's weight_bits (a new, unobserved
+        weight quantizer: call before training or loading)."""
+        self._init_weight_quant(replace(self.quant_config, weight_bits=bits), self.fan_in)
 
     def use_mindspore_ops(self):
         self.requantize_kernel = None
@@ -69,11 +80,10 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
     def __init__(self, in_channels, out_channels, kernel_size=1, stride=1, groups=1, activation=True, *,
                  config):
         super().__init__(in_channels, out_channels, kernel_size, stride, groups, activation)
-        self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
+        self._init_weight_quant(config, in_channels // groups * kernel_size * kernel_size)
         self.output_quant = activation_quantizer(config)
         self.bn_frozen = switch_parameter("bn_frozen", 0.0)
         self.affine_act = None  # the output quantizer computes act(a * y + b)
-        self._init_integer(in_channels // groups * kernel_size * kernel_size)
         # Data parallel: every rank moves its running statistics by the mean of all ranks' batch statistics, so
         # the folded weights (and the checkpoint rank 0 writes) are the same on every rank.
         if config.sync_group:
@@ -120,9 +130,8 @@ class QuantDense(Dense, _IntegerLayer):
 
     def __init__(self, in_channels, out_channels, *, config):
         super().__init__(in_channels, out_channels)
-        self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
+        self._init_weight_quant(config, in_channels)
         self.output_quant = activation_quantizer(config)
-        self._init_integer(in_channels)
 
     def deployed_weights(self, input_scale):
         """integer_weights of the weight and bias."""
@@ -177,6 +186,29 @@ class QuantLayers:
 
     def activation_quant(self):
         return activation_quantizer(self.config)
+
+
+def weight_layers(network):
+    """{name: layer} of the layers of a quantized `network` whose weights are quantized, in network order."""
+    return {name: cell for name, cell in network.cells_and_names() if isinstance(cell, _IntegerLayer)}
+
+
+def set_layer_weight_bits(network, layer_weight_bits):
+    """Quantize the weights of the layers `layer_weight_bits` names ({layer name: bits}, e.g. {"features.0": 7})
+    at those bits, the other layers' at the config's weight_bits: a mixed-precision plan. Raises BitsPlanError
+    naming layers the network does not have."""
+    layers = weight_layers(network)
+    unknown = sorted(set(layer_weight_bits) - set(layers))
+    if unknown:
+        names = list(layers)
+        raise BitsPlanError(f"no quantized layer named {', '.join(unknown)} in this network; its {len(names)} "
+                            f"layers are named as analyze.py's report names them: {', '.join(names[:3])}, ..., "
+                            f"{names[-1]}")
+    for name, bits in layer_weight_bits.items():
+        layers[name].set_weight_bits(bits)
+    # The new quantizers' Parameters are named from their own cell down; give every Parameter its full name
+    # again (as the network's construction does), so checkpoints load by name.
+    network.update_parameters_name()
 
 
 def set_integer_inference(network, enabled):

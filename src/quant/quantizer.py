@@ -27,6 +27,9 @@ class QuantConfig:
     # "minmax": scales from the observed ranges throughout; "lsq": from the observed ranges until the observers
     # freeze, then learned (LearnedStepQuantizer).
     quantizer: str = "minmax"
+    # A mixed-precision plan: ((layer name, weight bits), ...) for the layers whose weights take other bits than
+    # weight_bits (src/quant/bits_plan.py).
+    layer_weight_bits: tuple = ()
     # Communication group over which activation ranges are agreed in data-parallel training (None: no sync).
     sync_group: Optional[str] = None
 

@@ -1,5 +1,6 @@
 """The quantization schedule: when rounding starts, when BN statistics and observer ranges stop moving (and LSQ's
-step sizes start to learn, from the ranges observed until then).
+step sizes start to learn, from the ranges observed until then); and the passes that set ranges (calibration)
+or BN statistics (re-estimation) without training.
 
 The switches are 0/1 Parameters inside the layers (saved in checkpoints, so a resumed run continues in the
 same state); `QuantSchedule.apply` sets them from the global step, on the host, between training steps.
@@ -7,10 +8,13 @@ same state); `QuantSchedule.apply` sets them from the global step, on the host, 
 from dataclasses import dataclass
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor
 
+from src.layers import BN_MOMENTUM
+
 from src.quant.layers import QuantConvBNAct
-from src.quant.observers import Observer
+from src.quant.observers import MovingAverageMinMaxObserver, Observer
 from src.quant.quantizer import LearnedStepQuantizer, Quantizer
 
 NEVER = 2 ** 62
@@ -66,4 +70,39 @@ def calibrate_ranges(network, batches):
         seen += 1
     QuantSchedule(quant_delay=0, freeze_bn=0, freeze_observer=0).apply(network, 0)
     network.set_train(False)
+    return seen
+
+
+def reestimate_bn_statistics(network, batches):
+    """Replace the running statistics of every quantized convolution's BN by the mean of its batch statistics over
+    `batches` (image batches), each seen by the network as it stands: current weights, quantized as configured,
+    no weight, range or running statistic moving in between. Run just before BN freezes, it gives the frozen
+    (folded) model the statistics of its own quantized weights, where the moving average mixes those of weights
+    that have since moved (Nagel et al. 2022: oscillating low-bit weights corrupt it). Returns the batches seen."""
+    layers = [cell for _, cell in network.cells_and_names() if isinstance(cell, QuantConvBNAct)]
+    if any(layer.bn_frozen.asnumpy() != 0 for layer in layers):
+        raise ValueError("BN statistics are re-estimated before BN freezes; this network's BN is frozen")
+    # Activation ranges stay as they are; weight observers (while enabled) keep taking the current weights' range.
+    observers = [cell for _, cell in network.cells_and_names() if isinstance(cell, MovingAverageMinMaxObserver)]
+    observing = [observer.enabled.asnumpy().copy() for observer in observers]
+    set_switches(network, MovingAverageMinMaxObserver, "enabled", False)
+    running = [(layer.moving_mean.asnumpy().copy(), layer.moving_variance.asnumpy().copy()) for layer in layers]
+    sums = [np.zeros((2,) + mean.shape, np.float64) for mean, _ in running]
+    network.set_train(True)  # batch statistics move the running ones only in training mode
+    seen = 0
+    for images in batches:
+        network(Tensor(images))
+        for layer, (mean, variance), total in zip(layers, running, sums):
+            # the pass moved each running statistic r to r + m (batch - r): the batch's is read back from it
+            total[0] += mean + (layer.moving_mean.asnumpy() - mean) / BN_MOMENTUM
+            total[1] += variance + (layer.moving_variance.asnumpy() - variance) / BN_MOMENTUM
+            layer.moving_mean.set_data(Tensor(mean))
+            layer.moving_variance.set_data(Tensor(variance))
+        seen += 1
+    for layer, total in zip(layers, sums):
+        if seen:
+            layer.moving_mean.set_data(Tensor((total[0] / seen).astype(np.float32)))
+            layer.moving_variance.set_data(Tensor((total[1] / seen).astype(np.float32)))
+    for observer, enabled in zip(observers, observing):
+        observer.enabled.set_data(Tensor(enabled))
     return seen

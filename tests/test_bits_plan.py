@@ -1,0 +1,155 @@
+"""Mixed-precision plans: choosing one within a budget, reading it, building the network with it, recording it in
+checkpoints, and (through the scripts) analysing, calibrating and exporting with it exactly."""
+import json
+
+import numpy as np
+import pytest
+from easydict import EasyDict
+
+from conftest import evaluate_learned, learned_argv
+from src import checkpoint
+from src.config import config_cpu
+from src.mobilenetV2 import mobilenet_v2, network_from_config
+from src.quant import bits_plan
+from src.quant.bits_plan import BitsPlanError
+from src.quant.layers import weight_layers
+from src.quant.quantizer import QuantConfig
+
+PLAN = {"features.0": 7, "features.2.conv.1": 8, "classifier": 6}
+
+
+def tiny_network(weight_bits=4, plan=None):
+    return mobilenet_v2(4, 0.25, QuantConfig(weight_bits=weight_bits,
+                                             layer_weight_bits=tuple(sorted((plan or {}).items()))))
+
+
+@pytest.mark.quick
+def test_choose_widens_the_worst_layers_that_fit_the_budget():
+    sizes = {"a": 100, "b": 10, "c": 1000, "d": 10}
+    sensitivity = {"a": 5.0, "b": 20.0, "c": 1.0, "d": 30.0}  # c is the worst, but widening it alone breaks 4.5
+    plan = bits_plan.choose(sensitivity, sizes, 4, 8, budget=4.5)
+    assert plan == {"a": 8, "b": 8, "d": 8}  # c passed over; the smaller ones fit, worst first
+    assert bits_plan.average_weight_bits(sizes, 4, plan) == pytest.approx(4 + 4 * 120 / 1120)
+    assert bits_plan.choose(sensitivity, sizes, 4, 8, budget=4.4) == {"a": 8, "b": 8}
+    assert bits_plan.choose(sensitivity, sizes, 4, 8, budget=4.0) == {}
+    with pytest.raises(BitsPlanError, match="a budget of 3.5 average bits is below weight_bits \\(4\\)"):
+        bits_plan.choose(sensitivity, sizes, 4, 8, budget=3.5)
+    with pytest.raises(BitsPlanError, match="the wide bit width \\(4\\) must exceed weight_bits \\(4\\)"):
+        bits_plan.choose(sensitivity, sizes, 4, 4, budget=5)
+
+
+@pytest.mark.quick
+def test_plan_files_are_read_back_and_bad_ones_named(tmp_path):
+    path = str(tmp_path / "plan.json")
+    bits_plan.write(path, 4, PLAN, budget=5.0)
+    assert bits_plan.read(path) == (4, PLAN)
+    with pytest.raises(BitsPlanError, match="bits plan not found: .*missing.json"):
+        bits_plan.read(str(tmp_path / "missing.json"))
+    for text, message in (("{not json", "cannot read bits plan"),
+                          ('{"layer_weight_bits": {}}', 'an integer "weight_bits"'),
+                          ('{"weight_bits": 4, "layer_weight_bits": {"features.0": 9}}', "features.0: 9"),
+                          ('{"weight_bits": 4, "layer_weight_bits": {"features.0": "8"}}', "features.0: '8'")):
+        with open(path, "w") as f:
+            f.write(text)
+        with pytest.raises(BitsPlanError, match=message):
+            bits_plan.read(path)
+
+
+@pytest.mark.quick
+def test_a_planned_network_quantizes_each_layer_at_its_bits_under_the_same_names():
+    plain, planned = tiny_network(), tiny_network(plan=PLAN)
+    assert [p.name for p in planned.get_parameters()] == [p.name for p in plain.get_parameters()]
+    widths = {name: layer.weight_quant.qmax for name, layer in weight_layers(planned).items()}
+    assert {name: widths[name] for name in PLAN} == {"features.0": 63, "features.2.conv.1": 127, "classifier": 31}
+    assert {q for name, q in widths.items() if name not in PLAN} == {7}
+    with pytest.raises(BitsPlanError, match="no quantized layer named features.99 in this network; its 53 layers "
+                                            "are named as analyze.py's report names them: features.0, .*, classifier$"):
+        tiny_network(plan={"features.99": 8})
+
+
+@pytest.mark.quick
+def test_checkpoints_record_the_plan_and_a_resume_without_it_stops(tmp_path):
+    from src.trainer import TrainingError, _check_resume
+    path = str(tmp_path / "planned.ckpt")
+    planned = tiny_network(plan=PLAN)
+    checkpoint.save(planned, path, planned, 0, 0)
+    assert checkpoint.read(path)[1]["layer_weight_bits"] == PLAN
+    config = EasyDict(dict(config_cpu, num_classes=4, width_mult=0.25, weight_bits=4, image_height=224))
+    import eval as eval_script
+    loaded = eval_script.load_network(path, EasyDict(config))
+    assert {n: l.weight_quant.qmax for n, l in weight_layers(loaded).items()} == \
+        {n: l.weight_quant.qmax for n, l in weight_layers(planned).items()}
+    with pytest.raises(TrainingError, match="trained with the layer bit widths .*'features.0': 7.*, this run asks "
+                                            "for \\{\\}: give --bits_plan with the plan it was trained with"):
+        _check_resume(path, config, checkpoint.QUANT, 1, print)
+    _check_resume(path, EasyDict(config, layer_weight_bits=PLAN), checkpoint.QUANT, 1, print)
+    assert network_from_config(EasyDict(config, layer_weight_bits=PLAN), quantized=True).quant_config \
+        .layer_weight_bits == tuple(sorted(PLAN.items()))
+
+
+@pytest.mark.quick
+def test_train_refuses_a_plan_it_cannot_follow(tmp_path):
+    import train as train_script
+    path = str(tmp_path / "plan.json")
+    bits_plan.write(path, 4, PLAN)
+    common = ["--dataset_path", str(tmp_path), "--bits_plan", path]
+    with pytest.raises(SystemExit, match="was made for --weight_bits 4 .*this command gives --weight_bits 6"):
+        train_script.main([*common, "--weight_bits", "6"])
+    with pytest.raises(SystemExit, match="--bits_plan sets quantized layers' bit widths; --mode float has none"):
+        train_script.main([*common, "--mode", "float"])
+
+
+def test_analyze_writes_a_plan_that_deploys_exactly(learned_float, learning_data, tmp_path, capsys):
+    """analyze.py measures each layer's weights at 4 bits and widens the worst ones to 7 within 4.5 bits a
+    weight; PTQ with the plan (train.py --bits_plan) exports to INT8 ONNX whose logits are integer inference's,
+    with each layer's weights in the codes of its own width."""
+    import onnx
+    from onnx import numpy_helper
+    import analyze as analyze_script
+    import export as export_script
+    import train as train_script
+    train_path, val_path = learning_data
+    plan_path = str(tmp_path / "plan.json")
+    _, _, rows = analyze_script.main(["--checkpoint_path", learned_float, "--dataset_path", train_path,
+                                      *learned_argv(weight_bits=4), "--batches", "4", "--weight_bits_budget", "4.5",
+                                      "--bits_plan_output", plan_path, "--report", str(tmp_path / "report.md"),
+                                      "--output", str(tmp_path / "chart.png")])
+    weight_bits, plan = bits_plan.read(plan_path)
+    assert weight_bits == 4 and plan and set(plan.values()) == {7}
+    recorded = json.load(open(plan_path))
+    network = tiny_network()
+    sizes = {name: layer.weight.size for name, layer in weight_layers(network).items()}
+    assert recorded["average_weight_bits"] == pytest.approx(bits_plan.average_weight_bits(sizes, 4, plan), abs=1e-4)
+    assert recorded["average_weight_bits"] <= 4.5
+    # greedy: a layer left at 4 bits that is worse than a widened one would not have fitted beside the plan
+    sqnr = {row["layer"]: row["sqnr_db"] for row in rows if row["kind"] == "weights"}
+    assert set(sqnr) == set(sizes)
+    for layer in set(sizes) - set(plan):
+        if sqnr[layer] < max(sqnr[p] for p in plan):
+            assert bits_plan.average_weight_bits(sizes, 4, dict(plan, **{layer: 7})) > 4.5
+    assert f"wrote {plan_path}" in capsys.readouterr().out
+
+    ptq = train_script.main(["--mode", "ptq", "--pre_trained", learned_float, "--dataset_path", train_path,
+                             *learned_argv(), "--bits_plan", plan_path, "--calibration_batches", "4",
+                             "--save_checkpoint_path", str(tmp_path / "ptq")])
+    assert checkpoint.read(ptq)[1]["layer_weight_bits"] == plan
+    onnx_model = export_script.main(["--ckpt_file", ptq, "--file_format", "ONNX", *learned_argv(),
+                                     "--file_name", str(tmp_path / "mixed")])
+    parity = evaluate_learned(ptq, val_path, "--parity_with", onnx_model)
+    assert parity["acc_a"] > 0.5 and parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0
+    graph = onnx.load(onnx_model).graph
+    producers = {node.output[0]: node for node in graph.node}
+    tensors = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weights = [tensors[producers[node.input[1]].input[0]] for node in graph.node if node.op_type == "Conv"]
+    layer_bits = [plan.get(name, 4) for name in sizes]  # the ONNX convolutions are in network order
+    assert len(weights) == len(layer_bits)
+    for codes, bits in zip(weights, layer_bits):
+        assert codes.dtype == np.int8 and np.abs(codes).max() <= 2 ** (bits - 1) - 1
+    assert max(np.abs(codes).max() for codes, bits in zip(weights, layer_bits) if bits == 7) > 7
+    stored = sum(w.size for w in weights)
+    packed = sum(-(-w.size * bits // 8) for w, bits in zip(weights, layer_bits))
+    reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("weights:")]
+    assert reported == [f"weights: {stored} bytes as int8 codes; {packed} bytes packed at their bit widths "
+                        f"({recorded['average_weight_bits']:.2f} bits a weight on average: "
+                        f"{len(sizes) - len(plan)} layers at 4 bits, {len(plan)} layer{'s' * (len(plan) != 1)} at 7 "
+                        f"bits)"]
