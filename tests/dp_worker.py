@@ -1,7 +1,8 @@
 """Worker for the data-parallel test: a few QAT steps of a tiny MobileNetV2 on a fixed global batch, either in
 one process (--single) or as one of the ranks msrun started (each rank takes its slice of the batch).
 Writes every Parameter of the network to <out>/<rank or 'single'>.npz; ranks then take one more step with BN
-statistics moving and write every Parameter again to <out>/rank<rank>_bn_moving.npz."""
+statistics moving and write every Parameter again to <out>/rank<rank>_bn_moving.npz, then re-estimate BN statistics
+over two batches of their slices and write them to <out>/rank<rank>_bn_reestimated.npz."""
 import argparse
 import os
 import sys
@@ -19,7 +20,7 @@ from src.config import config_cpu  # noqa: E402
 from src.lr_generator import get_lr  # noqa: E402
 from src.mobilenetV2 import network_from_config  # noqa: E402
 from src.quant.layers import QuantConvBNAct, quant_state_names  # noqa: E402
-from src.quant.schedule import QuantSchedule, set_switches  # noqa: E402
+from src.quant.schedule import QuantSchedule, reestimate_bn_statistics, set_switches  # noqa: E402
 from src.trainer import make_optimizer, make_train_cell  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -47,10 +48,11 @@ def main():
     rng = np.random.default_rng(7)
     per_rank = GLOBAL_BATCH // group_size
 
+    part = slice(rank * per_rank, (rank + 1) * per_rank)
+
     def step():
         images = rng.normal(0, 1, (GLOBAL_BATCH, 3, 16, 16)).astype(np.float32)
         labels = rng.integers(0, 5, GLOBAL_BATCH).astype(np.int32)
-        part = slice(rank * per_rank, (rank + 1) * per_rank)
         train_cell(ms.Tensor(images[part]), ms.Tensor(labels[part]))
 
     def save(name):
@@ -62,6 +64,9 @@ def main():
         set_switches(network, QuantConvBNAct, "bn_frozen", False)
         step()
         save(f"rank{rank}_bn_moving")
+        reestimate_bn_statistics(network, (rng.normal(0, 1, (GLOBAL_BATCH, 3, 16, 16)).astype(np.float32)[part]
+                                           for _ in range(2)))
+        save(f"rank{rank}_bn_reestimated")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,15 @@ def test_moving_bn_statistics_agree_across_ranks(dp_run):
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
 
 
+def test_reestimated_bn_statistics_agree_across_ranks(dp_run):
+    """BN re-estimation on 2 ranks, each over its own half batches: the statistics of both halves, agreed."""
+    moving, rank0, rank1 = (np.load(os.path.join(dp_run, name)) for name in
+                            ("rank0_bn_moving.npz", "rank0_bn_reestimated.npz", "rank1_bn_reestimated.npz"))
+    assert not np.array_equal(rank0["features.0.moving_mean"], moving["features.0.moving_mean"])
+    for name in rank0.files:
+        np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
+
+
 SCRIPT_EPOCHS = 12
 
 
