@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import src  # noqa: E402,F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
+from src.launch import free_port  # noqa: E402
 
 PARTS = ("data", "float_train", "qat_train", "qat_train_2_ranks", "qat_eval", "qat_eval_simulated", "onnx", "peer",
          "peer_malloc_tuned")
@@ -68,12 +68,6 @@ def cpu_info():
     except OSError:
         pass
     return {"model": model, "extensions": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})}
-
-
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _config(args):
@@ -261,7 +255,7 @@ def main():
         elif part == "qat_train_2_ranks":  # 2 ranks through msrun on this machine, the cores shared between them
             log_dir = tempfile.mkdtemp(prefix="benchmark_ranks_")
             command = [sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2", "--master_port",
-                       str(_free_port()), "--log_dir", log_dir, __file__, "--part", "qat_train", "--ranks", "2",
+                       str(free_port()), "--log_dir", log_dir, __file__, "--part", "qat_train", "--ranks", "2",
                        "--device_target", args.device_target]
         else:
             command = [sys.executable, __file__, "--part", part, "--device_target", args.device_target]

@@ -73,6 +73,13 @@ def msrun_command(script, script_args, worker_num, master_port=8118, log_dir="./
     return command + [script, *script_args]
 
 
+def free_port():
+    """A loopback port nobody listens on now: a --master_port for a launch on this machine."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def master_address_problem(address, port):
     """Why node 0's master cannot listen at address:port (None if it can): the port taken by another process, or
     an address that is not this machine's."""

@@ -9,13 +9,26 @@ from easydict import EasyDict
 from conftest import evaluate_learned, learned_argv
 from src import checkpoint
 from src.config import config_cpu
+from src.dataset import Epoch, create_dataset
+from src.evaluation import network_predictor
 from src.mobilenetV2 import mobilenet_v2, network_from_config
 from src.quant import bits_plan
 from src.quant.bits_plan import BitsPlanError
 from src.quant.layers import weight_layers
 from src.quant.quantizer import QuantConfig
+from src.sensitivity import sqnr_db
 
 PLAN = {"features.0": 7, "features.2.conv.1": 8, "classifier": 6}
+
+
+def logits_on(path, val_path):
+    """Every validation image's logits from a checkpoint (integer inference for a quantized one)."""
+    import eval as eval_script
+    from src.config import parse_args
+    _, config = parse_args("", lambda parser: None, learned_argv())
+    network = eval_script.load_network(path, config)
+    predict = network_predictor(network, config.batch_size)
+    return np.concatenate([predict(images) for images, _ in Epoch(create_dataset(val_path, False, config))])
 
 
 def tiny_network(weight_bits=4, plan=None):
@@ -101,8 +114,8 @@ def test_train_refuses_a_plan_it_cannot_follow(tmp_path):
 
 def test_analyze_writes_a_plan_that_deploys_exactly(learned_float, learning_data, tmp_path, capsys):
     """analyze.py measures each layer's weights at 4 bits and widens the worst ones to 7 within 4.5 bits a
-    weight; PTQ with the plan (train.py --bits_plan) exports to INT8 ONNX whose logits are integer inference's,
-    with each layer's weights in the codes of its own width."""
+    weight; PTQ with the plan (train.py --bits_plan) is closer to the float network than PTQ at 4 bits throughout
+    and exports to INT8 ONNX whose logits are integer inference's, each layer's weights in codes of its width."""
     import onnx
     from onnx import numpy_helper
     import analyze as analyze_script
@@ -133,6 +146,15 @@ def test_analyze_writes_a_plan_that_deploys_exactly(learned_float, learning_data
                              *learned_argv(), "--bits_plan", plan_path, "--calibration_batches", "4",
                              "--save_checkpoint_path", str(tmp_path / "ptq")])
     assert checkpoint.read(ptq)[1]["layer_weight_bits"] == plan
+    uniform = train_script.main(["--mode", "ptq", "--pre_trained", learned_float, "--dataset_path", train_path,
+                                 *learned_argv(weight_bits=4), "--calibration_batches", "4",
+                                 "--save_checkpoint_path", str(tmp_path / "uniform")])
+    # the plan pays: integer inference's logits are closer to the float network's than uniform 4 bits' are
+    float_logits, planned_logits, uniform_logits = (logits_on(path, val_path) for path in (learned_float, ptq, uniform))
+    planned_sqnr, uniform_sqnr = sqnr_db(float_logits, planned_logits), sqnr_db(float_logits, uniform_logits)
+    with capsys.disabled():
+        print(f"logit SQNR against float: uniform 4 bits {uniform_sqnr:.1f} dB, plan {planned_sqnr:.1f} dB")
+    assert planned_sqnr > uniform_sqnr + 1.0
     onnx_model = export_script.main(["--ckpt_file", ptq, "--file_format", "ONNX", *learned_argv(),
                                      "--file_name", str(tmp_path / "mixed")])
     parity = evaluate_learned(ptq, val_path, "--parity_with", onnx_model)

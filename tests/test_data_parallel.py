@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import gradient_moved_all
-from src.launch import threads_per_worker
+from src.launch import free_port, threads_per_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _second_machine(folder):
@@ -46,7 +39,7 @@ def dp_run(float_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
     subprocess.run([sys.executable, WORKER, "--out", str(out), "--single", "--pre_trained", float_checkpoint],
                    check=True, capture_output=True)
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [subprocess.Popen([python, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2",
                                "--local_worker_num", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1",
                                "--master_port", port, "--log_dir", str(out / f"log_node{node}"), WORKER,
@@ -101,7 +94,7 @@ def run_train_script(demo_data, float_run, folder, *more, wait=True):
     command = ["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "CPU", "2", demo_data[0], float_run,
                *tiny_argv(), "--start_epoch", "2", "--epoch_size", str(SCRIPT_EPOCHS), *more]
     launch = dict(cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                  env=dict(os.environ, MASTER_PORT=str(_free_port())))
+                  env=dict(os.environ, MASTER_PORT=str(free_port())))
     return subprocess.run(command, timeout=1200, **launch) if wait else subprocess.Popen(command, **launch)
 
 
@@ -194,7 +187,7 @@ def test_launch_finds_msrun_and_python_beside_the_interpreter_without_path(tmp_p
     script.write_text("import sys, mindspore\nprint('worker python', sys.executable)\n")
     env = dict(os.environ, PATH="/usr/bin:/bin")  # no msrun, and a `python` (if any) without MindSpore
     launched = subprocess.run([sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "1",
-                               "--master_port", str(_free_port()), "--log_dir", str(tmp_path / "log"), str(script)],
+                               "--master_port", str(free_port()), "--log_dir", str(tmp_path / "log"), str(script)],
                               env=env, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     assert launched.stdout.startswith(os.path.join(os.path.dirname(sys.executable), "msrun") + " ")
@@ -231,7 +224,7 @@ def test_a_node_whose_master_never_answers_fails_within_the_cluster_timeout(tmp_
     """Node 1 of 2 pointed at a master nobody runs (a wrong --master_addr, or node 0 never started)."""
     script = tmp_path / "join.py"
     script.write_text("from mindspore.communication import init\ninit()\n")
-    port = _free_port()
+    port = free_port()
     launched = subprocess.run([_second_machine(tmp_path / "node1"), os.path.join(ROOT, "src", "launch.py"),
                                "--worker_num", "2", "--local_worker_num", "1", "--node_rank", "1", "--master_addr",
                                "127.0.0.1", "--master_port", str(port), "--cluster_timeout", "10", "--log_dir",
