@@ -57,9 +57,7 @@ class _IntegerLayer:
         scale, zero_point = self.output_quant.qparams()
         multiplier = input_scale * weight_scale / scale
         if self.requantize_kernel is not None:  # the clamp to the code bounds in the same pass
-            zero = zero_point.reshape(1)
-            lowest, highest = self.output_quant.code_bounds(scale, zero_point, relu6)
-            settings = ops.concat((zero, zero * 0 + lowest, zero * 0 + highest))
+            settings = self.output_quant.requantize_settings(scale, zero_point, relu6)
             return self.requantize_kernel(product, bias, multiplier, settings), scale, zero_point
         codes = integer.requantize(product, bias, multiplier, zero_point)
         return self.output_quant.clamp_codes((codes, scale, zero_point), relu6)

@@ -84,6 +84,13 @@ class Quantizer(nn.Cell):
         lowest, highest = self.code_bounds(scale, zero_point, relu6)
         return ops.clip_by_value(codes, lowest, highest), scale, zero_point
 
+    def requantize_settings(self, scale, zero_point, relu6=False):
+        """[zero point, lowest code, highest code] for codes quantized with (scale, zero_point): what the
+        Requantize CPU kernel takes to write them clamped to `code_bounds` in its one pass."""
+        zero = zero_point.reshape(1)
+        lowest, highest = self.code_bounds(scale, zero_point, relu6)
+        return ops.concat((zero, zero * 0 + lowest, zero * 0 + highest))  # each bound as a (1,) tensor
+
     def codes(self, x):
         """x as integer codes in [qmin, qmax] (held in float32) and their scale: a weight as the deployed model
         stores it (the observer takes x's own range, unless it is frozen)."""
