@@ -56,8 +56,10 @@ def main():
            "--epoch_size", str(args.qat_epochs), "--lr", str(args.qat_lr), "--lr_end", str(args.qat_lr),
            "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1), "--keep_checkpoint_max", "1",
            "--bn_reestimation_batches", str(args.bn_reestimation_batches)]
-    plans = [(plan, plan.split("/")[0], ["--weight_bits", plan.split("/")[0], "--act_bits", plan.split("/")[1]])
-             for plan in args.bits.split(",") if plan]
+    plans = []
+    for plan in (p for p in args.bits.split(",") if p):
+        weight_bits, act_bits = plan.split("/")
+        plans.append((plan, f"w{weight_bits}a{act_bits}", ["--weight_bits", weight_bits, "--act_bits", act_bits]))
     for mixed in (m for m in args.mixed.split(",") if m):
         weight_bits, rest = mixed.split(":")
         budget, act_bits = rest.split("/")
