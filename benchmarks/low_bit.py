@@ -35,13 +35,18 @@ def main():
     parser.add_argument("--float_checkpoint", default=None)
     parser.add_argument("--float_epochs", type=int, default=20)
     parser.add_argument("--qat_epochs", type=int, default=5)
-    parser.add_argument("--qat_lr", type=float, default=0.005, help="constant QAT learning rate")
+    parser.add_argument("--qat_lr", type=float, default=0.005, help="QAT learning rate")
+    parser.add_argument("--qat_lr_end", type=float, default=None,
+                        help="QAT: cosine decay from --qat_lr to this (default: --qat_lr, a constant rate)")
     parser.add_argument("--bn_reestimation_batches", type=int, default=0,
                         help="QAT: batches over which BN statistics are re-estimated before BN freezes (0: none)")
+    parser.add_argument("--oscillation_dampening", type=float, default=0.0,
+                        help="QAT: weight of the oscillation-dampening penalty (0: none)")
     parser.add_argument("--lsq_observer_epochs", type=int, default=1,
                         help="LSQ: epochs of observed ranges before the step sizes are learned")
     args = parser.parse_args()
     start = time.time()
+    lr_end = args.qat_lr if args.qat_lr_end is None else args.qat_lr_end
     train_path, val_path = generate(os.path.join(args.output_path, "data"))
     float_ckpt = args.float_checkpoint or run(train_script, [
         "--mode", "float", "--dataset_path", train_path, *DEMO_CONFIG, "--warmup_epochs", "2", "--lr", "0.05",
@@ -50,12 +55,14 @@ def main():
     evaluate = lambda path, *extra: run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", path,
                                                           *DEMO_CONFIG, *extra])
     results = {"cpu": cpu_info(), "date": datetime.date.today().isoformat(), "qat_epochs": args.qat_epochs,
-               "qat_lr": args.qat_lr, "bn_reestimation_batches": args.bn_reestimation_batches,
+               "qat_lr": args.qat_lr, "qat_lr_end": lr_end, "bn_reestimation_batches": args.bn_reestimation_batches,
+               "oscillation_dampening": args.oscillation_dampening,
                "float": evaluate(float_ckpt)["acc"], "plans": {}}
     qat = ["--dataset_path", train_path, "--pre_trained", float_ckpt, *DEMO_CONFIG, "--start_epoch", "0",
-           "--epoch_size", str(args.qat_epochs), "--lr", str(args.qat_lr), "--lr_end", str(args.qat_lr),
+           "--epoch_size", str(args.qat_epochs), "--lr", str(args.qat_lr), "--lr_end", str(lr_end),
            "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1), "--keep_checkpoint_max", "1",
-           "--bn_reestimation_batches", str(args.bn_reestimation_batches)]
+           "--bn_reestimation_batches", str(args.bn_reestimation_batches),
+           "--oscillation_dampening", str(args.oscillation_dampening)]
     plans = []
     for plan in (p for p in args.bits.split(",") if p):
         weight_bits, act_bits = plan.split("/")

@@ -50,6 +50,9 @@ _COMMON = dict(
     # Training batches (of the epoch BN freezes in) over which BN statistics are re-estimated just before BN
     # freezes, with the weights as they then are (0: no re-estimation; the running averages are kept).
     bn_reestimation_batches=0,
+    # QAT: weight of the oscillation-dampening penalty in the loss, the squared distances of the latent weights to
+    # the grid points they round to (0: none).
+    oscillation_dampening=0.0,
     calibration_batches=32,   # --mode ptq: training batches the observers see (post-training quantization)
     # Data
     crop_min_scale=0.08,      # RandomResizedCrop scale range (crop_min_scale, 1.0)
@@ -143,9 +146,7 @@ def validate(config):
         if config[key] < 1:
             return f"--{key} must be at least 1, got {config[key]}"
     for key in ("epoch_size", "start_epoch", "warmup_epochs", "save_checkpoint_steps", "quant_delay_epochs",
-                "bn_reestimation_batches",
-                "freeze_bn_epochs",
-                "freeze_observer_epochs"):
+                "bn_reestimation_batches", "freeze_bn_epochs", "freeze_observer_epochs", "oscillation_dampening"):
         if config[key] < 0:
             return f"--{key} must not be negative, got {config[key]}"
     if not 0.0 < config.crop_min_scale <= 1.0:

@@ -14,7 +14,7 @@ from src.evaluation import evaluate, network_predictor
 from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import network_from_config
-from src.quant.layers import quant_state_names
+from src.quant.layers import OscillationDampening, quant_state_names
 from src.quant.schedule import QuantSchedule, calibrate_ranges, reestimate_bn_statistics
 from src.utils import CrossEntropySmooth, Monitor
 
@@ -45,9 +45,24 @@ class TrainOneStepWithLossScale(nn.TrainOneStepWithLossScaleCell):
         return overflow > 0
 
 
+class LossWithPenalty(nn.Cell):
+    """A loss cell's loss plus a penalty that depends on Parameters only (no input)."""
+
+    def __init__(self, loss_cell, penalty):
+        super().__init__(auto_prefix=False)
+        self.loss_cell, self.penalty = loss_cell, penalty
+
+    def construct(self, images, labels):
+        return self.loss_cell(images, labels) + self.penalty()
+
+
 def make_loss_cell(network, config):
-    """The network followed by the training loss (label-smoothed cross entropy)."""
-    return nn.WithLossCell(network, CrossEntropySmooth(config.num_classes, config.label_smooth))
+    """The network followed by the training loss (label-smoothed cross entropy), plus oscillation dampening when
+    a quantized network's config asks for it."""
+    loss_cell = nn.WithLossCell(network, CrossEntropySmooth(config.num_classes, config.label_smooth))
+    if network.quantized and config.oscillation_dampening:
+        return LossWithPenalty(loss_cell, OscillationDampening(network, config.oscillation_dampening))
+    return loss_cell
 
 
 def make_train_cell(network, optimizer, config):

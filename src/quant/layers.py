@@ -8,7 +8,7 @@ rounding of single tensors be switched (quantization sensitivity).
 """
 from dataclasses import replace
 
-from mindspore import ops
+from mindspore import nn, ops
 from mindspore.communication import get_group_size
 
 from src.kernels import cpu_kernel_library, qlinear_add_op, requantize_op
@@ -97,6 +97,10 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
         ConvBNAct.use_mindspore_ops(self)
         _IntegerLayer.use_mindspore_ops(self)
 
+    def latent_weight(self):
+        """The float weight the weight quantizer rounds: the BN-folded one."""
+        return self.fold()[0]
+
     def deployed_weights(self, input_scale):
         """integer_weights of the BN-folded weight and bias."""
         return self.integer_weights(*self.fold(), input_scale)
@@ -130,6 +134,10 @@ class QuantDense(Dense, _IntegerLayer):
         super().__init__(in_channels, out_channels)
         self._init_weight_quant(config, in_channels)
         self.output_quant = activation_quantizer(config)
+
+    def latent_weight(self):
+        """The float weight the weight quantizer rounds."""
+        return self.weight
 
     def deployed_weights(self, input_scale):
         """integer_weights of the weight and bias."""
@@ -189,6 +197,24 @@ class QuantLayers:
 def weight_layers(network):
     """{name: layer} of the layers of a quantized `network` whose weights are quantized, in network order."""
     return {name: cell for name, cell in network.cells_and_names() if isinstance(cell, _IntegerLayer)}
+
+
+class OscillationDampening(nn.Cell):
+    """`strength` times the sum, over the quantized weights of `network`, of Quantizer.grid_distance (Nagel et al.
+    2022, "Overcoming Oscillations in Quantization-Aware Training"): added to the training loss, it pulls each
+    latent weight toward the grid point it rounds to, so that weights near a rounding threshold stop flipping
+    between two codes. The layers stay the network's own (same Parameters, same names)."""
+
+    def __init__(self, network, strength):
+        super().__init__(auto_prefix=False)
+        self.layers = nn.CellList(list(weight_layers(network).values()), auto_prefix=False)
+        self.strength = float(strength)
+
+    def construct(self):
+        total = 0.0
+        for layer in self.layers:
+            total = total + layer.weight_quant.grid_distance(layer.latent_weight())
+        return self.strength * total
 
 
 def set_layer_weight_bits(network, layer_weight_bits):

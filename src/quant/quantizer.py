@@ -65,6 +65,17 @@ class Quantizer(nn.Cell):
         """Bits a packed storage of the codes needs: [qmin, qmax] holds qmax - qmin + 1 values."""
         return math.ceil(math.log2(self.qmax - self.qmin + 1))
 
+    def grid_distance(self, x):
+        """Sum of squared distances, in steps of the scale, from x clamped to the range to its quantized values,
+        which are held constant like the scale: oscillation dampening's penalty (Nagel et al. 2022), whose gradient
+        pulls each value toward the grid point it rounds to. In steps, not in x's units, so that the pull on a
+        BN-folded weight does not grow with its channel's fold factor gamma / sigma. 0 while rounding is off."""
+        scale, zero_point = self.observe(x)
+        scale, zero_point = ops.stop_gradient(scale), ops.stop_gradient(zero_point)
+        target = ops.stop_gradient((self.fake_quant.quantize(x, scale, zero_point) - zero_point) * scale)
+        clamped = ops.clip_by_value(x, (self.qmin - zero_point) * scale, (self.qmax - zero_point) * scale)
+        return ops.reduce_sum(ops.square((clamped - target) / scale)) * self.quant_enabled
+
     def code_bounds(self, scale, zero_point, relu6=False):
         """[lowest, highest] code of the tensor quantized with (scale, zero_point), as training's rounding clamps
         it: [qmin, qmax], within which ReLU6 before the quantizer (`relu6`) keeps codes from the code of 0 to the
