@@ -36,7 +36,7 @@ def main():
                                                      "comma-separated (e.g. 3:4.0/8)")
     parser.add_argument("--float_checkpoint", default=None)
     parser.add_argument("--float_epochs", type=int, default=20)
-    parser.add_argument("--qat_epochs", type=int, default=5)
+    parser.add_argument("--qat_epochs", type=int, default=10)
     parser.add_argument("--qat_lr", type=float, default=0.005, help="QAT learning rate")
     parser.add_argument("--qat_lr_end", type=float, default=None,
                         help="QAT: cosine decay from --qat_lr to this (default: --qat_lr, a constant rate)")
