@@ -40,9 +40,14 @@ class _IntegerLayer:
     def use_mindspore_ops(self):
         self.requantize_kernel = None
 
-    def integer_weights(self, weight, bias, input_scale):
+    def latent_weight(self):
+        """The float weight the weight quantizer rounds (the first of the layer's `float_weights`)."""
+        return self.float_weights()[0]
+
+    def deployed_weights(self, input_scale):
         """Weight codes (as floats), their per-output-channel scales and the int32 bias codes for an input of
-        scale `input_scale`: the constants of the exported model."""
+        scale `input_scale`, from the layer's `float_weights`: the constants of the exported model."""
+        weight, bias = self.float_weights()
         codes, scale = self.weight_quant.codes(weight)
         scale = scale.reshape(-1)
         return codes, scale, integer.bias_codes(bias, input_scale * scale)
@@ -97,13 +102,9 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
         ConvBNAct.use_mindspore_ops(self)
         _IntegerLayer.use_mindspore_ops(self)
 
-    def latent_weight(self):
-        """The float weight the weight quantizer rounds: the BN-folded one."""
-        return self.fold()[0]
-
-    def deployed_weights(self, input_scale):
-        """integer_weights of the BN-folded weight and bias."""
-        return self.integer_weights(*self.fold(), input_scale)
+    def float_weights(self):
+        """The weight and bias that inference quantizes: the BN-folded ones."""
+        return self.fold()
 
     def construct(self, x):
         if not self.training and self.integer_inference:
@@ -135,13 +136,9 @@ class QuantDense(Dense, _IntegerLayer):
         self._init_weight_quant(config, in_channels)
         self.output_quant = activation_quantizer(config)
 
-    def latent_weight(self):
-        """The float weight the weight quantizer rounds."""
-        return self.weight
-
-    def deployed_weights(self, input_scale):
-        """integer_weights of the weight and bias."""
-        return self.integer_weights(self.weight, self.bias, input_scale)
+    def float_weights(self):
+        """The weight and bias that inference quantizes."""
+        return self.weight, self.bias
 
     def construct(self, x):
         if not self.training and self.integer_inference:
