@@ -85,7 +85,9 @@ def main(argv=None):
         print(f"float checkpoint: ranges calibrated on the {len(batches)} batch(es) measured")
     images, labels = [b[0] for b in batches], np.concatenate([b[1] for b in batches])
     reference, everything, rows = measure(network, images, labels, config.batch_size)
-    bits = f"weights at {weight_storage(network)[2]}, {network.quant_config.act_bits}-bit activations"
+    quant = network.quant_config
+    bits = f"weights at {weight_storage(network)[2]}, {quant.act_bits}-bit activations" + \
+        (f" ({quant.edge_act_bits} at the network's edges)" if quant.edge_act_bits != quant.act_bits else "")
     report = table(reference, everything, rows, bits, len(labels))
     print(report)
     weakest = ", ".join(row["tensor"] for row in worst_first(rows)[:3])

@@ -44,6 +44,8 @@ def main():
                         help="QAT: batches over which BN statistics are re-estimated before BN freezes (0: none)")
     parser.add_argument("--oscillation_dampening", type=float, default=0.0,
                         help="QAT: weight of the oscillation-dampening penalty (0: none)")
+    parser.add_argument("--edge_act_bits", type=int, default=8,
+                        help="bits of the network's input, the classifier's input and the logits")
     parser.add_argument("--lsq_observer_epochs", type=int, default=1,
                         help="LSQ: epochs of observed ranges before the step sizes are learned")
     args = parser.parse_args()
@@ -64,15 +66,18 @@ def main():
                                        "--save_checkpoint_path", os.path.join(args.output_path, "float_further")])
     results = {"cpu": cpu_info(), "date": datetime.date.today().isoformat(), "qat_epochs": args.qat_epochs,
                "qat_lr": args.qat_lr, "qat_lr_end": lr_end, "bn_reestimation_batches": args.bn_reestimation_batches,
-               "oscillation_dampening": args.oscillation_dampening, "float": evaluate(float_ckpt)["acc"],
+               "oscillation_dampening": args.oscillation_dampening, "edge_act_bits": args.edge_act_bits,
+               "float": evaluate(float_ckpt)["acc"],
                "float_trained_further": evaluate(float_further)["acc"], "plans": {}}
     qat = [*further, "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1),
            "--bn_reestimation_batches", str(args.bn_reestimation_batches),
            "--oscillation_dampening", str(args.oscillation_dampening)]
+    edges = ["--edge_act_bits", str(args.edge_act_bits)]
     plans = []
     for plan in (p for p in args.bits.split(",") if p):
         weight_bits, act_bits = plan.split("/")
-        plans.append((plan, f"w{weight_bits}a{act_bits}", ["--weight_bits", weight_bits, "--act_bits", act_bits]))
+        plans.append((plan, f"w{weight_bits}a{act_bits}",
+                      ["--weight_bits", weight_bits, "--act_bits", act_bits, *edges]))
     for mixed in (m for m in args.mixed.split(",") if m):
         weight_bits, rest = mixed.split(":")
         budget, act_bits = rest.split("/")
@@ -85,7 +90,7 @@ def main():
         with open(plan_path) as f:
             average = json.load(f)["average_weight_bits"]
         plans.append((f"{weight_bits}-7 ({average:.2f} on average)/{act_bits}", f"w{weight_bits}_{budget}",
-                      ["--bits_plan", plan_path, "--act_bits", act_bits]))
+                      ["--bits_plan", plan_path, "--act_bits", act_bits, *edges]))
     for plan, name, bits in plans:
         folder = os.path.join(args.output_path, name)
         ptq = run(train_script, ["--mode", "ptq", "--dataset_path", train_path, "--pre_trained", float_ckpt,

@@ -12,10 +12,11 @@ import numpy as np
 
 
 # What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood.
-# weight_bits, act_bits, layer_weight_bits (a mixed-precision plan, JSON) and quantizer only in quantized
-# checkpoints: the stored ranges mean nothing at another bit width, and LSQ's step sizes are Parameters that a
-# minmax network does not have.
-NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits", "layer_weight_bits", "quantizer")
+# weight_bits, act_bits, edge_act_bits, layer_weight_bits (a mixed-precision plan, JSON) and quantizer only in
+# quantized checkpoints: the stored ranges mean nothing at another bit width, and LSQ's step sizes are Parameters
+# that a minmax network does not have.
+NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits", "edge_act_bits", "layer_weight_bits",
+                "quantizer")
 # What it says about the input it was trained on (src.dataset.input_record): size and normalisation.
 INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
 META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num", "val_acc")
@@ -43,7 +44,8 @@ def save(cell, path, network, epoch_num, step_num, record=None):
             "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
     if network.quant_config is not None:
         quant = network.quant_config
-        meta.update(weight_bits=quant.weight_bits, act_bits=quant.act_bits, quantizer=quant.quantizer,
+        meta.update(weight_bits=quant.weight_bits, act_bits=quant.act_bits, edge_act_bits=quant.edge_act_bits,
+                    quantizer=quant.quantizer,
                     layer_weight_bits=json.dumps(dict(quant.layer_weight_bits), sort_keys=True))
     for key, value in (record or {}).items():
         meta[key] = ms.Tensor(np.array(value, np.float32)) if isinstance(value, (list, tuple)) else value
@@ -72,6 +74,9 @@ def read(path, only=None):
                 value = value.asnumpy()
                 value = value.item() if value.ndim == 0 else value.tolist()
             meta[key] = json.loads(value) if key == "layer_weight_bits" else value
+    if "act_bits" in meta and "edge_act_bits" not in meta:
+        # Written before edge_act_bits was recorded, when every activation took act_bits.
+        meta["edge_act_bits"] = meta["act_bits"]
     if "network_kind" not in meta and only is None:
         # A checkpoint from elsewhere: the observers' state tells a quantized network from a float one.
         meta["network_kind"] = QUANT if any(".observer." in name for name in entries) else FLOAT

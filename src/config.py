@@ -37,6 +37,9 @@ _COMMON = dict(
     # sum pairs of products in int16, which saturates with 8-bit weights; with 7 bits it cannot.
     weight_bits=7,
     act_bits=8,
+    # Bits of the network's input, the classifier's input and the logits, at any act_bits: 8, as low-bit results
+    # are reported (LSQ, AdaRound, BRECQ keep the first and last layers at 8 bits).
+    edge_act_bits=8,
     ema_decay=0.999,
     # "minmax": scales from the observed ranges; "lsq": learned step sizes (LSQ), started from the ranges observed
     # until freeze_observer_epochs (give it 1 or more: an epoch of ranges to start from).
@@ -137,7 +140,7 @@ def validate(config):
         return f"--quantizer must be one of {', '.join(QUANTIZERS)}, got {config.quantizer!r}"
     if config.loss_scale_type not in ("fixed", "dynamic"):
         return f"--loss_scale_type must be 'fixed' or 'dynamic', got {config.loss_scale_type!r}"
-    for key in ("weight_bits", "act_bits"):
+    for key in ("weight_bits", "act_bits", "edge_act_bits"):
         if not 2 <= config[key] <= 8:
             return f"--{key} must be between 2 and 8, got {config[key]}"
     for key in ("num_classes", "batch_size", "image_height", "image_width", "save_checkpoint_epochs",

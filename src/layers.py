@@ -142,7 +142,7 @@ class FloatLayers:
     add = Add
 
     @staticmethod
-    def activation_quant():
+    def edge_activation_quant():
         return nn.Identity()
 
 

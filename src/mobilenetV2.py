@@ -54,7 +54,7 @@ class MobileNetV2(nn.Cell):
         self.integer_inference = self.quantized  # see src/quant/layers.py
         self.num_classes, self.width_mult, self.quant_config = num_classes, width_mult, quant_config
         # The network input is quantized too: the integer model starts from quantized pixels.
-        self.input_quant = layers.activation_quant()
+        self.input_quant = layers.edge_activation_quant()
         in_channels = make_divisible(STEM_CHANNELS * width_mult)
         last_channels = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
         features = [layers.conv_bn_act(3, in_channels, kernel_size=3, stride=2)]
@@ -66,7 +66,7 @@ class MobileNetV2(nn.Cell):
                 in_channels = out_channels
         features.append(layers.conv_bn_act(in_channels, last_channels, kernel_size=1))
         self.features = nn.SequentialCell(features)
-        self.pool_quant = layers.activation_quant()
+        self.pool_quant = layers.edge_activation_quant()
         self.classifier = layers.dense(last_channels, num_classes)
         if quant_config is not None and quant_config.layer_weight_bits:
             set_layer_weight_bits(self, dict(quant_config.layer_weight_bits))
@@ -91,6 +91,7 @@ def network_from_config(config, quantized, sync_group=None):
     quant_config = None
     if quantized:
         quant_config = QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits,
+                                   edge_act_bits=config.edge_act_bits,
                                    ema_decay=config.ema_decay, quantizer=config.quantizer,
                                    layer_weight_bits=tuple(sorted(config.layer_weight_bits.items())),
                                    sync_group=sync_group)

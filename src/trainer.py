@@ -106,7 +106,7 @@ def _check_resume(path, config, kind, schedule_steps, log):
     entries, meta = checkpoint.read(path, only=("learning_rate",))
     if meta.get("network_kind", kind) != kind:
         raise TrainingError(f"--resume {path} holds a {meta['network_kind']} network, this run trains a {kind} one")
-    for key in ("weight_bits", "act_bits", "quantizer", "image_height", "image_width"):
+    for key in ("weight_bits", "act_bits", "edge_act_bits", "quantizer", "image_height", "image_width"):
         if key in meta and meta[key] != config[key]:
             raise TrainingError(f"--resume {path} was trained with {key} {meta[key]}, this run asks for "
                                 f"{config[key]}: give --{key} {meta[key]}")

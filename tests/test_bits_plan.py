@@ -1,7 +1,9 @@
 """Mixed-precision plans: choosing one within a budget, reading it, building the network with it, recording it in
-checkpoints, and (through the scripts) analysing, calibrating and exporting with it exactly."""
+checkpoints, and (through the scripts) analysing, calibrating and exporting with it exactly. The activations at the
+network's edges (edge_act_bits): built, recorded and resumed likewise."""
 import json
 
+import mindspore as ms
 import numpy as np
 import pytest
 from easydict import EasyDict
@@ -15,7 +17,7 @@ from src.mobilenetV2 import mobilenet_v2, network_from_config
 from src.quant import bits_plan
 from src.quant.bits_plan import BitsPlanError
 from src.quant.layers import weight_layers
-from src.quant.quantizer import QuantConfig
+from src.quant.quantizer import QuantConfig, Quantizer
 from src.sensitivity import sqnr_db
 
 PLAN = {"features.0": 7, "features.2.conv.1": 8, "classifier": 6}
@@ -175,3 +177,38 @@ def test_analyze_writes_a_plan_that_deploys_exactly(learned_float, learning_data
                         f"({recorded['average_weight_bits']:.2f} bits a weight on average: "
                         f"{len(sizes) - len(plan)} layers at 4 bits, {len(plan)} layer{'s' * (len(plan) != 1)} at 7 "
                         f"bits)"]
+
+
+def activation_widths(network):
+    """{name: qmax} of the activation quantizers of a quantized network."""
+    return {name: cell.qmax for name, cell in network.cells_and_names()
+            if isinstance(cell, Quantizer) and not name.endswith("weight_quant")}
+
+
+@pytest.mark.quick
+def test_edge_activations_take_their_own_bits_and_checkpoints_record_them(tmp_path):
+    from src.trainer import TrainingError, _check_resume
+    import eval as eval_script
+    edges = {"input_quant", "pool_quant", "classifier.output_quant"}
+    network = mobilenet_v2(4, 0.25, QuantConfig(weight_bits=4, act_bits=4))  # edge_act_bits 8 by default
+    widths = activation_widths(network)
+    assert {name: widths[name] for name in edges} == dict.fromkeys(edges, 255)
+    assert len(widths) > 60 and {q for name, q in widths.items() if name not in edges} == {15}
+    uniform = mobilenet_v2(4, 0.25, QuantConfig(weight_bits=4, act_bits=4, edge_act_bits=4))
+    assert set(activation_widths(uniform).values()) == {15}
+    assert [p.name for p in uniform.get_parameters()] == [p.name for p in network.get_parameters()]
+
+    config = EasyDict(dict(config_cpu, num_classes=4, width_mult=0.25, weight_bits=4, act_bits=4, image_height=224))
+    path = str(tmp_path / "w4a4.ckpt")
+    checkpoint.save(uniform, path, uniform, 0, 0)
+    assert checkpoint.read(path)[1]["edge_act_bits"] == 4
+    assert activation_widths(eval_script.load_network(path, EasyDict(config))) == activation_widths(uniform)
+    with pytest.raises(TrainingError, match="trained with edge_act_bits 4, this run asks for 8: give "
+                                            "--edge_act_bits 4"):
+        _check_resume(path, config, checkpoint.QUANT, 1, print)
+    # A checkpoint written before edge_act_bits was recorded quantized every activation at act_bits.
+    older = str(tmp_path / "older.ckpt")
+    meta = {key: value for key, value in checkpoint.read(path)[1].items() if key != "edge_act_bits"}
+    ms.save_checkpoint(uniform, older, append_dict=dict(meta, layer_weight_bits="{}"))
+    assert checkpoint.read(older)[1]["edge_act_bits"] == 4
+    assert activation_widths(eval_script.load_network(older, EasyDict(config))) == activation_widths(uniform)

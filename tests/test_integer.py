@@ -304,8 +304,9 @@ def test_8bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
 
 def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tmp_path, capsys):
     """4-bit weights and activations end to end: PTQ of the learned float network, INT8 ONNX export (4-bit codes in
-    int8/uint8, the activations' code bounds as integer Clips of the codes), the checkpoint's integer inference
-    against ONNX Runtime's, image for image, and every convolution on ORT's integer kernels."""
+    int8/uint8, the activations' code bounds as integer Clips of the codes, the network's edges at 8 bits), the
+    checkpoint's integer inference against ONNX Runtime's, image for image, and every convolution on ORT's integer
+    kernels."""
     import collections
     import onnx
     from onnx import numpy_helper
@@ -330,8 +331,11 @@ def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
     reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("weights:")]
     assert reported == [f"weights: {stored} bytes as int8 codes; {packed} bytes packed at their bit widths "
                         f"(4 bits)"]
-    clips = [node for node in graph.node if node.op_type == "Clip"]
-    assert len(clips) == sum(node.op_type == "QuantizeLinear" for node in graph.node)  # every activation: 4 bits
+    # every activation 4 bits, its codes clipped, but the network's edges: 8 bits, uint8 as they are
+    clipped = {node.input[0] for node in graph.node if node.op_type == "Clip"}
+    unclipped = [node.output[0].rsplit("_", 1)[0] for node in graph.node
+                 if node.op_type == "QuantizeLinear" and node.output[0] not in clipped]
+    assert sorted(unclipped) == ["classifier_q", "input_q", "pool_q"]
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])

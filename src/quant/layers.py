@@ -128,13 +128,14 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
 
 
 class QuantDense(Dense, _IntegerLayer):
-    """Dense with per-output-channel fake-quantized weights and a quantized output. In integer inference it takes
+    """Dense with per-output-channel fake-quantized weights and an output quantized at `output_bits` (config's
+    act_bits by default; the classifier's output is the logits, at edge_act_bits). In integer inference it takes
     quantized (N, C) codes and returns the dequantized output, as the exported model's last DequantizeLinear."""
 
-    def __init__(self, in_channels, out_channels, *, config):
+    def __init__(self, in_channels, out_channels, *, config, output_bits=None):
         super().__init__(in_channels, out_channels)
         self._init_weight_quant(config, in_channels)
-        self.output_quant = activation_quantizer(config)
+        self.output_quant = activation_quantizer(config, output_bits)
 
     def float_weights(self):
         """The weight and bias that inference quantizes."""
@@ -182,13 +183,15 @@ class QuantLayers:
         return QuantConvBNAct(*args, config=self.config, **kwargs)
 
     def dense(self, *args):
-        return QuantDense(*args, config=self.config)
+        """The classifier: its output, the logits, is at the network's edge."""
+        return QuantDense(*args, config=self.config, output_bits=self.config.edge_act_bits)
 
     def add(self):
         return QuantAdd(config=self.config)
 
-    def activation_quant(self):
-        return activation_quantizer(self.config)
+    def edge_activation_quant(self):
+        """The quantizer of an activation at the network's edge (its input, the classifier's input)."""
+        return activation_quantizer(self.config, self.config.edge_act_bits)
 
 
 def weight_layers(network):

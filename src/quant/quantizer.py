@@ -1,7 +1,7 @@
 """A quantizer is an observer plus the fake-quantizer that rounds with the observer's range (`Quantizer`), or
 with a step size learned from the observer's range on (`LearnedStepQuantizer`, LSQ).
 
-`QuantConfig` says how many bits, how ranges are tracked and which quantizer; `activation_quantizer` and
+`QuantConfig` says how many bits (and where), how ranges are tracked and which quantizer; `activation_quantizer` and
 `weight_quantizer` build the two kinds the network uses: per-tensor asymmetric unsigned for activations,
 per-channel symmetric signed (narrow range) for weights.
 """
@@ -23,6 +23,10 @@ from src.quant.observers import MovingAverageMinMaxObserver, PerChannelAbsMaxObs
 class QuantConfig:
     weight_bits: int = 8
     act_bits: int = 8
+    # The activations at the network's edges, its input (the pixels), the classifier's input and the logits, take
+    # these bits whatever act_bits says: the convention of low-bit results (LSQ, AdaRound, BRECQ keep the first
+    # and last layers at 8 bits).
+    edge_act_bits: int = 8
     ema_decay: float = 0.999
     # "minmax": scales from the observed ranges throughout; "lsq": from the observed ranges until the observers
     # freeze, then learned (LearnedStepQuantizer).
@@ -181,8 +185,9 @@ def _quantizer_class(config):
     return QUANTIZERS[config.quantizer]
 
 
-def activation_quantizer(config):
-    qmin, qmax = quant_range(config.act_bits, signed=False)
+def activation_quantizer(config, bits=None):
+    """A quantizer of activations at config's act_bits, or at `bits`."""
+    qmin, qmax = quant_range(config.act_bits if bits is None else bits, signed=False)
     return _quantizer_class(config)(qmin, qmax, lambda low, high: MovingAverageMinMaxObserver(
         low, high, config.ema_decay, config.sync_group))
 
