@@ -26,7 +26,7 @@ def reference_lsq(x, scale, zero_point, qmin, qmax, upstream, channel_axis=None)
     out = (np.clip(q, qmin, qmax) - zero_point) * scale
     dq_dscale = np.where(inside, np.round(v) - v, np.where(q < qmin, qmin - zero_point, qmax - zero_point))
     axes = tuple(a for a in range(x.ndim) if a != channel_axis)
-    shared = x.size // np.size(scale)
+    shared = x.size // np.size(scale) if channel_axis is not None else x.size // x.shape[0]  # per image
     dscale = (upstream * dq_dscale).sum(axis=axes, keepdims=channel_axis is not None) / np.sqrt(shared * qmax)
     return out, upstream * inside, dscale
 
@@ -110,6 +110,25 @@ def test_step_size_takes_over_from_the_observer_once_then_the_optimizer_trains_i
     QuantSchedule(quant_delay=0, freeze_observer=2).apply(quantizer, 3)
     np.testing.assert_array_equal(quantizer.step_size.asnumpy(), learned)
     np.testing.assert_array_equal(quantizer.qparams()[0].asnumpy(), learned)
+
+
+@pytest.mark.quick
+def test_a_step_size_carried_across_zero_keeps_quantizing_and_learning():
+    """An update can carry a small channel's step size below 0; its magnitude stays the scale (integer inference and
+    export read the same), and it keeps a gradient, so the channel is not quantized to 0 for good."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 2, 3, 3)).astype(f32)
+    quantizer = weight_quantizer(LSQ, x.shape)
+    step = np.array([0.4, -0.3, 0.5], f32).reshape(3, 1, 1, 1)
+    quantizer.step_size.set_data(Tensor(step))
+    quantizer.learned.set_data(Tensor(f32(1)))
+    quantizer.observer.enabled.set_data(Tensor(f32(0)))
+    np.testing.assert_array_equal(quantizer.qparams()[0].asnumpy(), np.abs(step))
+    upstream = rng.normal(size=x.shape).astype(f32)
+    want, _, _ = reference_lsq(x, np.abs(step), np.zeros_like(step), quantizer.qmin, quantizer.qmax, upstream, 0)
+    np.testing.assert_array_equal(quantizer(Tensor(x)).asnumpy(), want)
+    dstep = ms.grad(_WeightedSum(quantizer, upstream), grad_position=None, weights=[quantizer.step_size])(Tensor(x))
+    assert np.all(dstep[0].asnumpy() != 0)
 
 
 def test_lsq_run_learns_step_sizes_and_deploys_exactly(demo_data, float_run, tmp_path, capsys):

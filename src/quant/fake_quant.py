@@ -96,8 +96,9 @@ class LearnedStepFakeQuantize(FakeQuantize):
     """FakeQuantize with a gradient for the scale too: the step size of LSQ (Esser et al. 2020, "Learned Step Size
     Quantization"). With v = x / scale, the output (clamp(round(v) + zp, qmin, qmax) - zp) * scale has the
     straight-through derivative round(v) - v inside the range, qmin - zp or qmax - zp where clamped; LSQ scales the
-    scale's gradient by 1 / sqrt(n * qmax), n the number of values sharing one scale, so that step sizes learn at
-    the pace of the weights. The gradient for x is FakeQuantize's; the zero point gets none (it stays where the
+    scale's gradient by 1 / sqrt(n * qmax), n the number of values sharing one scale in one example (a weight
+    channel's values; an activation's values per image: the loss is a mean over the batch, so the gradient sums
+    one image's worth), so that step sizes learn at the pace of the weights. The gradient for x is FakeQuantize's; the zero point gets none (it stays where the
     observer left it). Ops only: the scale's gradient needs x / scale, which the CPU kernels do not keep.
     `scale` is a scalar (per tensor) or has x's rank with 1 on every axis but the channels' (per channel).
     """
@@ -117,5 +118,6 @@ class LearnedStepFakeQuantize(FakeQuantize):
         per_channel = scale.ndim > 0
         axes = tuple([a for a in range(x.ndim) if not per_channel or scale.shape[a] == 1])
         dscale = ops.reduce_sum(dout * dq_dscale, axes).reshape(scale.shape)
-        dscale = dscale * enabled * (x.size // scale.size * self.qmax) ** -0.5
+        shared = x.size // scale.size if per_channel else x.size // x.shape[0]
+        dscale = dscale * enabled * (shared * self.qmax) ** -0.5
         return dx, dscale, ops.zeros_like(zero_point), ops.zeros_like(enabled)

@@ -149,9 +149,11 @@ class LearnedStepQuantizer(Quantizer):
         return self._scale(observed_scale), zero_point
 
     def _scale(self, observed_scale):
-        # A blend, not a branch (the switch is a tensor): exactly one side for `learned` in {0, 1}.
+        # A blend, not a branch (the switch is a tensor): exactly one side for `learned` in {0, 1}. The magnitude
+        # of the step size: an update that carries it across 0 leaves a scale that still has a gradient (clamped
+        # at SCALE_EPS it had none, and the channel stayed quantized to 0 for good).
         learned = self.learned
-        return learned * ops.maximum(self.step_size, SCALE_EPS) + (1.0 - learned) * observed_scale
+        return learned * ops.maximum(ops.abs(self.step_size), SCALE_EPS) + (1.0 - learned) * observed_scale
 
     def affine_act(self, y, a, b, activation, channel_extremes):
         # The scale's gradient needs act(a * y + b) itself: computed with ops, then quantized as any tensor.
