@@ -4,7 +4,7 @@ from mindspore import nn, ops
 
 from src.layers import FloatLayers, make_divisible
 from src.quant import integer
-from src.quant.layers import QuantLayers, set_layer_weight_bits
+from src.quant.layers import QuantLayers, link_input_quantizers, set_layer_weight_bits
 from src.quant.quantizer import QuantConfig
 
 # (expansion t, output channels c, repeats n, first stride s) of each stage of inverted residual blocks.
@@ -68,8 +68,10 @@ class MobileNetV2(nn.Cell):
         self.features = nn.SequentialCell(features)
         self.pool_quant = layers.edge_activation_quant()
         self.classifier = layers.dense(last_channels, num_classes)
-        if quant_config is not None and quant_config.layer_weight_bits:
-            set_layer_weight_bits(self, dict(quant_config.layer_weight_bits))
+        if quant_config is not None:
+            if quant_config.layer_weight_bits:
+                set_layer_weight_bits(self, dict(quant_config.layer_weight_bits))
+            link_input_quantizers(self)
 
     def construct(self, x):
         if self.integer_inference and not self.training:

@@ -306,7 +306,7 @@ def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
     """4-bit weights and activations end to end: PTQ of the learned float network, INT8 ONNX export (4-bit codes in
     int8/uint8, the activations' code bounds as integer Clips of the codes, the network's edges at 8 bits), the
     checkpoint's integer inference against ONNX Runtime's, image for image, and every convolution on ORT's integer
-    kernels."""
+    kernels; simulated evaluation (fake quantization) gives those logits too."""
     import collections
     import onnx
     from onnx import numpy_helper
@@ -321,6 +321,13 @@ def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
     parity = evaluate_learned(ptq, val_path, "--parity_with", onnx_model)
     assert parity["acc_a"] > 0.5  # logits that differ from image to image
     assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0
+    # Fake quantization (training's arithmetic) rounds the bias as the deployed int32 bias is rounded: it computes
+    # the deployed model too, up to float summation order.
+    simulated = evaluate_learned(ptq, val_path, "--simulated", "--parity_with", onnx_model)
+    with capsys.disabled():
+        print(f"W4A4 simulated vs ONNX Runtime: top-1 agreement {simulated['top1_agreement']:.4f}, largest logit "
+              f"difference {simulated['max_logit_diff_steps']:.0f} steps")
+    assert simulated["top1_agreement"] >= 0.99 and simulated["max_logit_diff_steps"] <= 2
     graph = onnx.load(onnx_model).graph
     # the weight size export reports: the int8 tensors the convolutions dequantize as weights, half as much packed
     producers = {node.output[0]: node for node in graph.node}

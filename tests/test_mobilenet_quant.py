@@ -14,7 +14,7 @@ from src.config import config_cpu
 from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import mobilenet_v2
-from src.quant.layers import quant_state_names
+from src.quant.layers import quant_state_names, weight_layers
 from src.quant.quantizer import QuantConfig
 from src.quant.schedule import QuantSchedule
 from src.trainer import make_loss_cell, make_optimizer, make_train_cell
@@ -36,6 +36,21 @@ def test_one_description_builds_both_networks():
     assert quant_names - float_names == set(quant_state_names(q_net))
     # 17 inverted residual blocks + stem + last conv, each conv with a per-channel weight quantizer
     assert sum(name.endswith("weight_quant.observer.max_abs") for name in quant_names) == 52 + 1
+
+
+@pytest.mark.quick
+def test_each_quantized_layer_knows_the_quantizer_of_its_input():
+    """The quantizer whose output each convolution and the classifier take: the scale their bias is rounded at."""
+    net = quant_net()
+    names = {id(cell): name for name, cell in net.cells_and_names()}
+    inputs = {name: names[id(layer.input_quantizer[0])] for name, layer in weight_layers(net).items()}
+    assert len(inputs) == 53
+    assert inputs["features.0"] == "input_quant"
+    assert inputs["features.1.conv.0"] == "features.0.output_quant"
+    assert inputs["features.1.conv.1"] == "features.1.conv.0.output_quant"
+    assert inputs["features.3.conv.0"] == "features.2.conv.2.output_quant"  # after a block without a residual
+    assert inputs["features.4.conv.0"] == "features.3.add.output_quant"     # after a residual block
+    assert inputs["classifier"] == "pool_quant"
 
 
 def test_quantized_logits_follow_float_logits(float_checkpoint):

@@ -15,6 +15,7 @@ from src.kernels import cpu_kernel_library, qlinear_add_op, requantize_op
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, values_per_channel
 from src.quant import integer
 from src.quant.bits_plan import BitsPlanError
+from src.quant.fake_quant import fake_quant_bias
 from src.quant.observers import switch_parameter
 from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantizer
 
@@ -29,6 +30,9 @@ class _IntegerLayer:
         self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         # Wide layers whose products could leave float32's exact integers are computed digit by digit.
         self.weight_digits = integer.needs_weight_digits(fan_in, self.weight_quant.qmax)
+        # The quantizer of this layer's input, in a tuple: a reference, not a sub-cell (its Parameters keep their
+        # names); set by link_input_quantizers.
+        self.input_quantizer = ()
         library = cpu_kernel_library()
         self.requantize_kernel = requantize_op(library) if library and not self.weight_digits else None
 
@@ -39,6 +43,18 @@ class _IntegerLayer:
 
     def use_mindspore_ops(self):
         self.requantize_kernel = None
+
+    def input_scale(self):
+        """The scale of this layer's input: its input quantizer's (`link_input_quantizers`)."""
+        return self.input_quantizer[0].qparams()[0]
+
+    def deployed_bias(self, bias, weight_scale):
+        """`bias` rounded as the deployed model's int32 bias is, at the input's scale times `weight_scale` (the
+        weights' per-output-channel scale): training and simulated inference add the bias integer inference adds.
+        A layer built outside a network has no input quantizer, and adds `bias` as it is."""
+        if not self.input_quantizer:
+            return bias
+        return fake_quant_bias(bias, self.input_scale() * weight_scale.reshape(-1), self.weight_quant.quant_enabled)
 
     def latent_weight(self):
         """The float weight the weight quantizer rounds (the first of the layer's `float_weights`)."""
@@ -110,8 +126,9 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
         if not self.training and self.integer_inference:
             return self.integer_forward(self.conv, x, self.activation)
         fold_scale, folded_bias = self.running_affine()
-        folded_weight = self.weight * fold_scale.reshape(-1, 1, 1, 1)
-        y = self.low_precision(self.conv, x, self.weight_quant(folded_weight))
+        weight, weight_scale = self.weight_quant.fake_quantize(self.weight * fold_scale.reshape(-1, 1, 1, 1))
+        y = self.low_precision(self.conv, x, weight)
+        folded_bias = self.deployed_bias(folded_bias, weight_scale)
         if not self.training:
             return self.output_quant.affine_act(y, ops.ones_like(folded_bias), folded_bias, self.activation, None)
         stats = self.channel_stats(y)
@@ -144,7 +161,9 @@ class QuantDense(Dense, _IntegerLayer):
     def construct(self, x):
         if not self.training and self.integer_inference:
             return integer.dequantize(self.integer_forward(self.matmul, x))
-        return self.output_quant(self.low_precision(self.matmul, x, self.weight_quant(self.weight)) + self.bias)
+        weight, weight_scale = self.weight_quant.fake_quantize(self.weight)
+        bias = self.deployed_bias(self.bias, weight_scale)
+        return self.output_quant(self.low_precision(self.matmul, x, weight) + bias)
 
 
 class QuantAdd(Add):
@@ -215,6 +234,22 @@ class OscillationDampening(nn.Cell):
         for layer in self.layers:
             total = total + layer.weight_quant.grid_distance(layer.latent_weight())
         return self.strength * total
+
+
+def link_input_quantizers(network):
+    """Give each quantized convolution and dense layer of `network` the quantizer of its input, for its bias
+    (`deployed_bias`): the activation quantizer defined last before it, which in a network defined in the order
+    its data flows (MobileNetV2: input, each block's layers then its add, pooling, classifier) is the one whose
+    output the layer takes."""
+    weight_quantizers = {id(layer.weight_quant) for layer in weight_layers(network).values()}
+    last = None
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, _IntegerLayer):
+            if last is None:
+                raise ValueError("a quantized layer comes before any activation quantizer: its input is not quantized")
+            cell.input_quantizer = (last,)
+        elif isinstance(cell, Quantizer) and id(cell) not in weight_quantizers:
+            last = cell
 
 
 def set_layer_weight_bits(network, layer_weight_bits):

@@ -53,8 +53,12 @@ class Quantizer(nn.Cell):
         self.quant_enabled = switch_parameter("quant_enabled", 1.0)
 
     def construct(self, x):
+        return self.fake_quantize(x)[0]
+
+    def fake_quantize(self, x):
+        """(x fake-quantized, its scale)."""
         scale, zero_point = self.observe(x)
-        return self.fake_quant(x, scale, zero_point, self.quant_enabled)
+        return self.fake_quant(x, scale, zero_point, self.quant_enabled), scale
 
     def observe(self, x):
         """(scale, zero_point) for x, the observer moved first by x (in training, or for weights, while enabled)."""
