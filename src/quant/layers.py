@@ -23,6 +23,9 @@ from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantize
 class _IntegerLayer:
     """What a quantized convolution or dense layer deploys as: int8 weight codes, int32 bias, requantization."""
     integer_inference = True
+    # The quantizer of this layer's input, in a tuple: a reference, not a sub-cell (its Parameters keep their names);
+    # set by link_input_quantizers.
+    input_quantizer = ()
 
     def _init_weight_quant(self, config, fan_in):
         """The weight quantizer at config's weight_bits, and how the integer product of `fan_in` terms is taken."""
@@ -30,9 +33,6 @@ class _IntegerLayer:
         self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         # Wide layers whose products could leave float32's exact integers are computed digit by digit.
         self.weight_digits = integer.needs_weight_digits(fan_in, self.weight_quant.qmax)
-        # The quantizer of this layer's input, in a tuple: a reference, not a sub-cell (its Parameters keep their
-        # names); set by link_input_quantizers.
-        self.input_quantizer = ()
         library = cpu_kernel_library()
         self.requantize_kernel = requantize_op(library) if library and not self.weight_digits else None
 
