@@ -8,7 +8,8 @@ and the date, as JSON.
     python benchmarks/low_bit.py [--output_path ./low_bit_run] [--bits 4/8,4/4] [--mixed 3:4.0/8] [--float_checkpoint F]
 --mixed W:B/A adds mixed-precision plans: analyze.py's plan from the float checkpoint at W-bit weights, widening
 layers to 7 bits within B bits a weight on average, with A-bit activations. The float checkpoint, when not given,
-is trained as demo.py trains it.
+is trained as demo.py trains it. --methods picks among PTQ and the two QATs, --seed seeds the QAT runs,
+--width_mult and --image_size shrink the network (a harder setting, where QAT falls short of float).
 """
 import argparse
 import datetime
@@ -25,6 +26,7 @@ import export as export_script  # noqa: E402
 import train as train_script  # noqa: E402
 from benchmarks.benchmark import cpu_info  # noqa: E402
 from demo import DEMO_CONFIG, run  # noqa: E402
+from src.config import parse_bool  # noqa: E402
 from src.demo_data import generate  # noqa: E402
 
 
@@ -48,30 +50,46 @@ def main():
                         help="bits of the network's input, the classifier's input and the logits")
     parser.add_argument("--lsq_observer_epochs", type=int, default=1,
                         help="LSQ: epochs of observed ranges before the step sizes are learned")
+    parser.add_argument("--methods", default="ptq,minmax,lsq",
+                        help="which of ptq, minmax (QAT), lsq (QAT) to run for each plan, comma-separated")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the QAT runs (data order, augmentation)")
+    parser.add_argument("--width_mult", type=float, default=0.35, help="the network's width (demo.py's: 0.35)")
+    parser.add_argument("--image_size", type=int, default=56, help="the network's input size (demo.py's: 56)")
+    parser.add_argument("--float_further", type=parse_bool, default=True,
+                        help="train the float checkpoint on as long as QAT, for reference")
     args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - {"ptq", "minmax", "lsq"}
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from ptq, minmax, lsq")
     start = time.time()
+    # demo.py's network and data, at the width and input size asked for (later options win).
+    network = [*DEMO_CONFIG, "--width_mult", str(args.width_mult), "--image_height", str(args.image_size),
+               "--image_width", str(args.image_size)]
     lr_end = args.qat_lr if args.qat_lr_end is None else args.qat_lr_end
     train_path, val_path = generate(os.path.join(args.output_path, "data"))
     float_ckpt = args.float_checkpoint or run(train_script, [
-        "--mode", "float", "--dataset_path", train_path, *DEMO_CONFIG, "--warmup_epochs", "2", "--lr", "0.05",
+        "--mode", "float", "--dataset_path", train_path, *network, "--warmup_epochs", "2", "--lr", "0.05",
         "--start_epoch", "0", "--epoch_size", str(args.float_epochs), "--keep_checkpoint_max", "1",
         "--save_checkpoint_path", os.path.join(args.output_path, "float")])
     evaluate = lambda path, *extra: run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", path,
-                                                          *DEMO_CONFIG, *extra])
-    further = ["--dataset_path", train_path, "--pre_trained", float_ckpt, *DEMO_CONFIG, "--start_epoch", "0",
+                                                          *network, *extra])
+    further = ["--dataset_path", train_path, "--pre_trained", float_ckpt, *network, "--start_epoch", "0",
                "--epoch_size", str(args.qat_epochs), "--lr", str(args.qat_lr), "--lr_end", str(lr_end),
                "--keep_checkpoint_max", "1"]
-    # The float network trained on as QAT trains it: what QAT's extra epochs are worth without quantization.
-    float_further = run(train_script, ["--mode", "float", *further,
-                                       "--save_checkpoint_path", os.path.join(args.output_path, "float_further")])
     results = {"cpu": cpu_info(), "date": datetime.date.today().isoformat(), "qat_epochs": args.qat_epochs,
                "qat_lr": args.qat_lr, "qat_lr_end": lr_end, "bn_reestimation_batches": args.bn_reestimation_batches,
                "oscillation_dampening": args.oscillation_dampening, "edge_act_bits": args.edge_act_bits,
-               "float": evaluate(float_ckpt)["acc"],
-               "float_trained_further": evaluate(float_further)["acc"], "plans": {}}
+               "seed": args.seed, "width_mult": args.width_mult, "image_size": args.image_size,
+               "float": evaluate(float_ckpt)["acc"], "plans": {}}
+    if args.float_further:
+        # The float network trained on as QAT trains it: what QAT's extra epochs are worth without quantization.
+        float_further = run(train_script, ["--mode", "float", *further,
+                                           "--save_checkpoint_path", os.path.join(args.output_path, "float_further")])
+        results["float_trained_further"] = evaluate(float_further)["acc"]
     qat = [*further, "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1),
            "--bn_reestimation_batches", str(args.bn_reestimation_batches),
-           "--oscillation_dampening", str(args.oscillation_dampening)]
+           "--oscillation_dampening", str(args.oscillation_dampening), "--seed", str(args.seed)]
     edges = ["--edge_act_bits", str(args.edge_act_bits)]
     plans = []
     for plan in (p for p in args.bits.split(",") if p):
@@ -83,7 +101,7 @@ def main():
         budget, act_bits = rest.split("/")
         report = os.path.join(args.output_path, f"plan_w{weight_bits}_{budget}")
         plan_path = report + ".json"
-        run(analyze_script, ["--checkpoint_path", float_ckpt, "--dataset_path", train_path, *DEMO_CONFIG,
+        run(analyze_script, ["--checkpoint_path", float_ckpt, "--dataset_path", train_path, *network,
                              "--weight_bits", weight_bits, "--act_bits", act_bits, "--batches", "8",
                              "--weight_bits_budget", budget, "--bits_plan_output", plan_path,
                              "--report", report + ".md", "--output", report + ".png"])
@@ -93,29 +111,41 @@ def main():
                       ["--bits_plan", plan_path, "--act_bits", act_bits, *edges]))
     for plan, name, bits in plans:
         folder = os.path.join(args.output_path, name)
-        ptq = run(train_script, ["--mode", "ptq", "--dataset_path", train_path, "--pre_trained", float_ckpt,
-                                 *DEMO_CONFIG, *bits, "--calibration_batches", "10",
-                                 "--save_checkpoint_path", os.path.join(folder, "ptq")])
-        minmax = run(train_script, [*qat, *bits, "--freeze_observer_epochs", str(args.qat_epochs - 1),
-                                    "--save_checkpoint_path", os.path.join(folder, "qat_minmax")])
-        lsq = run(train_script, [*qat, *bits, "--quantizer", "lsq",
-                                 "--freeze_observer_epochs", str(args.lsq_observer_epochs),
-                                 "--save_checkpoint_path", os.path.join(folder, "qat_lsq")])
-        onnx_model = run(export_script, ["--ckpt_file", lsq, "--file_format", "ONNX", *DEMO_CONFIG,
-                                         "--file_name", os.path.join(folder, "lsq_int8")])
-        parity = evaluate(lsq, "--parity_with", onnx_model)
-        results["plans"][plan] = {"ptq": evaluate(ptq)["acc"], "qat_minmax": evaluate(minmax)["acc"],
-                                  "qat_lsq": parity["acc_a"], "lsq_onnx_logit_steps": parity["max_logit_diff_steps"]}
-    results["minutes"] = round((time.time() - start) / 60, 1)
-    with open(os.path.join(args.output_path, "low_bit.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\n{results['cpu']['model']} ({', '.join(results['cpu']['extensions'])}), {results['date']}; float "
-          f"{100 * results['float']:.2f}%, trained {args.qat_epochs} epochs further as QAT trains "
-          f"{100 * results['float_trained_further']:.2f}%")
-    print("| bits (w/a) | PTQ | QAT minmax | QAT LSQ | LSQ vs ONNX (logit steps) |\n|---|---|---|---|---|")
+        figures = results["plans"][plan] = {}
+        if "ptq" in methods:
+            ptq = run(train_script, ["--mode", "ptq", "--dataset_path", train_path, "--pre_trained", float_ckpt,
+                                     *network, *bits, "--calibration_batches", "10",
+                                     "--save_checkpoint_path", os.path.join(folder, "ptq")])
+            figures["ptq"] = evaluate(ptq)["acc"]
+        if "minmax" in methods:
+            minmax = run(train_script, [*qat, *bits, "--freeze_observer_epochs", str(args.qat_epochs - 1),
+                                        "--save_checkpoint_path", os.path.join(folder, "qat_minmax")])
+            figures["qat_minmax"] = evaluate(minmax)["acc"]
+            # Training's own arithmetic (fake quantization) against the deployed model's.
+            figures["qat_minmax_simulated"] = evaluate(minmax, "--simulated")["acc"]
+        if "lsq" in methods:
+            lsq = run(train_script, [*qat, *bits, "--quantizer", "lsq",
+                                     "--freeze_observer_epochs", str(args.lsq_observer_epochs),
+                                     "--save_checkpoint_path", os.path.join(folder, "qat_lsq")])
+            onnx_model = run(export_script, ["--ckpt_file", lsq, "--file_format", "ONNX", *network,
+                                             "--file_name", os.path.join(folder, "lsq_int8")])
+            parity = evaluate(lsq, "--parity_with", onnx_model)
+            figures["qat_lsq"], figures["lsq_onnx_logit_steps"] = parity["acc_a"], parity["max_logit_diff_steps"]
+        results["minutes"] = round((time.time() - start) / 60, 1)
+        # Written after each plan, so that a stopped run keeps the plans it finished.
+        with open(os.path.join(args.output_path, "low_bit.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    reference = (f", trained {args.qat_epochs} epochs further as QAT trains {results['float_trained_further']:.2%}"
+                 if args.float_further else "")
+    print(f"\n{results['cpu']['model']} ({', '.join(results['cpu']['extensions'])}), {results['date']}; MobileNetV2 "
+          f"{args.width_mult} at {args.image_size}x{args.image_size}; float {results['float']:.2%}{reference}")
+    print("| bits (w/a) | PTQ | QAT minmax | QAT minmax, simulated | QAT LSQ | LSQ vs ONNX (logit steps) |\n"
+          "|---|---|---|---|---|---|")
+    cell = lambda r, key, fmt: fmt.format(r[key]) if key in r else "-"
     for plan, r in results["plans"].items():
-        print(f"| {plan} | {100 * r['ptq']:.2f}% | {100 * r['qat_minmax']:.2f}% | {100 * r['qat_lsq']:.2f}% | "
-              f"{r['lsq_onnx_logit_steps']:.0f} |")
+        print(f"| {plan} | " + " | ".join(cell(r, key, "{:.2%}") for key in ("ptq", "qat_minmax",
+                                                                               "qat_minmax_simulated", "qat_lsq"))
+              + f" | {cell(r, 'lsq_onnx_logit_steps', '{:.0f}')} |")
 
 
 if __name__ == "__main__":
