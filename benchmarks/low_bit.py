@@ -42,6 +42,9 @@ def main():
     parser.add_argument("--qat_lr", type=float, default=0.005, help="QAT learning rate")
     parser.add_argument("--qat_lr_end", type=float, default=None,
                         help="QAT: cosine decay from --qat_lr to this (default: --qat_lr, a constant rate)")
+    parser.add_argument("--freeze_bn_epochs", type=int, default=None,
+                        help="QAT: epochs before BN freezes (default: --qat_epochs - 1, the last epoch frozen); LSQ's "
+                             "BN freezes by --lsq_observer_epochs, when its step sizes start learning")
     parser.add_argument("--bn_reestimation_batches", type=int, default=0,
                         help="QAT: batches over which BN statistics are re-estimated before BN freezes (0: none)")
     parser.add_argument("--oscillation_dampening", type=float, default=0.0,
@@ -67,6 +70,9 @@ def main():
     network = [*DEMO_CONFIG, "--width_mult", str(args.width_mult), "--image_height", str(args.image_size),
                "--image_width", str(args.image_size)]
     lr_end = args.qat_lr if args.qat_lr_end is None else args.qat_lr_end
+    freeze_bn = args.qat_epochs - 1 if args.freeze_bn_epochs is None else args.freeze_bn_epochs
+    # LSQ: BN frozen by the time the step sizes start learning (the trainer warns otherwise; measured in the README).
+    lsq_freeze_bn = min(freeze_bn, args.lsq_observer_epochs)
     train_path, val_path = generate(os.path.join(args.output_path, "data"))
     float_ckpt = args.float_checkpoint or run(train_script, [
         "--mode", "float", "--dataset_path", train_path, *network, "--warmup_epochs", "2", "--lr", "0.05",
@@ -78,7 +84,9 @@ def main():
                "--epoch_size", str(args.qat_epochs), "--lr", str(args.qat_lr), "--lr_end", str(lr_end),
                "--keep_checkpoint_max", "1"]
     results = {"cpu": cpu_info(), "date": datetime.date.today().isoformat(), "qat_epochs": args.qat_epochs,
-               "qat_lr": args.qat_lr, "qat_lr_end": lr_end, "bn_reestimation_batches": args.bn_reestimation_batches,
+               "qat_lr": args.qat_lr, "qat_lr_end": lr_end, "freeze_bn_epochs": freeze_bn,
+               "lsq_freeze_bn_epochs": lsq_freeze_bn,
+               "bn_reestimation_batches": args.bn_reestimation_batches,
                "oscillation_dampening": args.oscillation_dampening, "edge_act_bits": args.edge_act_bits,
                "seed": args.seed, "width_mult": args.width_mult, "image_size": args.image_size,
                "float": evaluate(float_ckpt)["acc"], "plans": {}}
@@ -87,7 +95,7 @@ def main():
         float_further = run(train_script, ["--mode", "float", *further,
                                            "--save_checkpoint_path", os.path.join(args.output_path, "float_further")])
         results["float_trained_further"] = evaluate(float_further)["acc"]
-    qat = [*further, "--ema_decay", "0.99", "--freeze_bn_epochs", str(args.qat_epochs - 1),
+    qat = [*further, "--ema_decay", "0.99", "--freeze_bn_epochs", str(freeze_bn),
            "--bn_reestimation_batches", str(args.bn_reestimation_batches),
            "--oscillation_dampening", str(args.oscillation_dampening), "--seed", str(args.seed)]
     edges = ["--edge_act_bits", str(args.edge_act_bits)]
@@ -126,6 +134,7 @@ def main():
         if "lsq" in methods:
             lsq = run(train_script, [*qat, *bits, "--quantizer", "lsq",
                                      "--freeze_observer_epochs", str(args.lsq_observer_epochs),
+                                     "--freeze_bn_epochs", str(lsq_freeze_bn),
                                      "--save_checkpoint_path", os.path.join(folder, "qat_lsq")])
             onnx_model = run(export_script, ["--ckpt_file", lsq, "--file_format", "ONNX", *network,
                                              "--file_name", os.path.join(folder, "lsq_int8")])

@@ -193,6 +193,9 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
         f"{config.start_epoch}, of a {config.start_epoch + config.epoch_size}-epoch warm-up + cosine schedule "
         f"peaking at {config.lr}")
     schedule = quant_schedule(config, steps_per_epoch) if quantized else None
+    if quantized:
+        for message in schedule.warnings(config.quantizer):
+            log(f"warning: {message}")
     monitor = Monitor(config.epoch_size, steps_per_epoch, config.batch_size * group_size, config.log_interval, log,
                       progress)
     validation = create_dataset(eval_dataset_path, False, config) if eval_dataset_path and rank == 0 else None

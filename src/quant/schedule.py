@@ -38,6 +38,15 @@ class QuantSchedule:
     def state(self, step):
         return (step >= self.quant_delay, step >= self.freeze_bn, step < self.freeze_observer)
 
+    def warnings(self, quantizer):
+        """What in this schedule is known to cost accuracy with `quantizer` ("minmax" or "lsq"), for the log."""
+        if quantizer == "lsq" and self.freeze_bn > self.freeze_observer:
+            # Measured: docs/quantization.md, learned step sizes.
+            return ["LSQ's weight step sizes start learning before BN freezes (--freeze_observer_epochs < "
+                    "--freeze_bn_epochs), while BN's moving statistics still rescale the folded weights they step: "
+                    "freeze BN no later (--freeze_bn_epochs <= --freeze_observer_epochs)"]
+        return []
+
     def __post_init__(self):
         self._applied = None  # the state last written; the first apply writes every switch
 
