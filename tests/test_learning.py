@@ -12,7 +12,7 @@ without testing learning. With BN frozen from the start, on a 2-core AMD EPYC (A
 images) and for QAT to win back at least half of it. With the bit widths not recorded in the checkpoint,
 evaluation runs at 7 bits and PTQ loses nothing: that fails too.
 At 4-bit activations (W4A4) this small network needs more than the test's 20 steps: PTQ 88.3%, QAT 89.6% (min/max)
-and 88.3% (LSQ) after 2 epochs, 91.3% and 92.1% after 8 (same AMD EPYC, BN frozen after the first epoch).
+and 88.3% (LSQ) after 2 epochs, 91.3% and 92.1% after 8 (same AMD EPYC, BN frozen for the last epoch).
 """
 import pytest
 
