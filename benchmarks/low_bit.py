@@ -95,8 +95,7 @@ def main():
         float_further = run(train_script, ["--mode", "float", *further,
                                            "--save_checkpoint_path", os.path.join(args.output_path, "float_further")])
         results["float_trained_further"] = evaluate(float_further)["acc"]
-    qat = [*further, "--ema_decay", "0.99", "--freeze_bn_epochs", str(freeze_bn),
-           "--bn_reestimation_batches", str(args.bn_reestimation_batches),
+    qat = [*further, "--ema_decay", "0.99", "--bn_reestimation_batches", str(args.bn_reestimation_batches),
            "--oscillation_dampening", str(args.oscillation_dampening), "--seed", str(args.seed)]
     edges = ["--edge_act_bits", str(args.edge_act_bits)]
     plans = []
@@ -126,7 +125,8 @@ def main():
                                      "--save_checkpoint_path", os.path.join(folder, "ptq")])
             figures["ptq"] = evaluate(ptq)["acc"]
         if "minmax" in methods:
-            minmax = run(train_script, [*qat, *bits, "--freeze_observer_epochs", str(args.qat_epochs - 1),
+            minmax = run(train_script, [*qat, *bits, "--freeze_bn_epochs", str(freeze_bn),
+                                        "--freeze_observer_epochs", str(args.qat_epochs - 1),
                                         "--save_checkpoint_path", os.path.join(folder, "qat_minmax")])
             figures["qat_minmax"] = evaluate(minmax)["acc"]
             # Training's own arithmetic (fake quantization) against the deployed model's.
