@@ -73,8 +73,10 @@ if [ "$NODE_NUM" -gt 1 ]; then
 fi
 LAUNCH_EXTRA+=(--master_port "${MASTER_PORT:-8118}")
 [ -z "${CLUSTER_TIMEOUT:-}" ] || LAUNCH_EXTRA+=(--cluster_timeout "$CLUSTER_TIMEOUT")
-failed() {  # the end of the log: train.py's error, or src/launch.py's account of the failed rank
-  echo "training failed; the end of $1:"; tail -n 4 "$1"; exit 1
+failed() {  # src/launch.py's account of the failed ranks (from its first "error:" line), else the log's end
+  echo "training failed; the end of $1:"
+  if grep -q "^error: " "$1"; then sed -n '/^error: /,$p' "$1"; else tail -n 4 "$1"; fi
+  exit 1
 }
 if [ "$WORKERS" -eq 1 ] && [ "$NODE_NUM" -eq 1 ]; then
   echo "training on 1 $TARGET process; log: $PWD/train/train.log"

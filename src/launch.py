@@ -28,6 +28,8 @@ FAILED_WORKER = re.compile(r"Worker process (\d+) exit with exception\. Error co
 LOST_RANK = re.compile(r"worker (\d+) is the first one timed out")  # the master's word, on node 0
 CLUSTER_NOT_FORMED = "Failed to initialize distributed job cluster"
 CHECKPOINT_SAVED = re.compile(r"^checkpoint saved: (.+)$", re.MULTILINE)
+# A Python exception's last line ("RuntimeError: Unsupported device target GPU. ...") or our scripts' "error: ..."
+ERROR_LINE = re.compile(r"^(?:[\w.]*(?:Error|Exception|Exit|Interrupt)|error): .+$", re.MULTILINE)
 
 
 def find_msrun():
@@ -135,6 +137,16 @@ def _read(path):
         return f.read()
 
 
+def last_error_line(text, limit=400):
+    """The last error a worker's log reports (a Python exception's message, or an "error: ..." line), None if none:
+    what the user needs first, without opening the log."""
+    found = ERROR_LINE.findall(text)
+    if not found:
+        return None
+    line = found[-1].strip()
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
 def _exit_description(code):
     if code < 0:
         try:
@@ -153,7 +165,7 @@ def failure_report(failed, lost, not_formed, log_dir, cluster_timeout, master):
         lines.append(f"error: the cluster did not form within {cluster_timeout} s: every node must be started with "
                      f"the same --worker_num, node 0 must run the master at {master} (--master_addr is node 0's "
                      f"address, reachable from every node; --master_port free on it)")
-    failed_ranks = set()
+    failed_ranks, quoted = set(), set()
     for pid, code in sorted(failed.items()):
         # the script names its process in its log (train.py: "rank R of N (process PID)")
         rank = next((r for r, text in texts.items() if f"(process {pid})" in text), None)
@@ -161,6 +173,12 @@ def failure_report(failed, lost, not_formed, log_dir, cluster_timeout, master):
         who = f"rank {rank} (process {pid})" if rank is not None else f"worker process {pid}"
         where = f"its log: {logs[rank]}" if rank is not None else f"logs: {log_dir}"
         lines.append(f"error: {who} {_exit_description(code)}; msrun stopped the other ranks on this node; {where}")
+        # a worker that failed before naming its process (e.g. at set_device): the errors of every log not quoted yet
+        for r in [rank] if rank is not None else sorted(texts):
+            error = last_error_line(texts[r]) if r not in quoted else None
+            if error:
+                quoted.add(r)
+                lines.append(f"  worker_{r}.log: {error}")
     if lost is not None and lost not in failed_ranks:
         lines.insert(0, f"error: the master lost rank {lost} (it stopped answering: killed, or its node failed; "
                         f"that node's log says more) and stopped the job")

@@ -17,13 +17,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dp_worker.py")
 
 
+# Seconds the ranks of a test's launch wait for each other: cluster formation takes a second or two here, so a
+# broken launch fails within a minute, with its own error, instead of msrun's 600 s default.
+CLUSTER_TIMEOUT = "30"
+
+
 def _second_machine(folder):
     """A Python whose msrun takes every address for another machine's, as msrun on node 1 of two machines does
     with node 0's: on one machine both msruns would take 127.0.0.1 for their own and each start a scheduler.
-    A `python` (this one) with such an `msrun` beside it, which src/launch.py then uses."""
+    A `python` with such an `msrun` beside it, which src/launch.py then uses. The `python` is a script run by this
+    Python, not a symlink to it: Python finds its environment (a venv's pyvenv.cfg) beside the path it was started
+    from, so a symlink in another folder would run the base interpreter, without MindSpore."""
     folder.mkdir()
     python = folder / "python"
-    python.symlink_to(sys.executable)
+    python.write_text(
+        f"#!{sys.executable}\n"
+        "import os, runpy, sys\n"
+        "if len(sys.argv) > 1 and not sys.argv[1].startswith('-'):  # python SCRIPT ARGS: run it as this python\n"
+        "    sys.executable, sys.argv = os.path.abspath(__file__), sys.argv[1:]\n"
+        "    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "else:\n"
+        f"    os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n")
+    python.chmod(0o755)
     msrun = folder / "msrun"
     msrun.write_text(f"#!{sys.executable}\nimport sys\nfrom mindspore.parallel.cluster.process_entity import _api\n"
                      "_api._is_local_ip = lambda address: False\n"
@@ -42,7 +58,8 @@ def dp_run(float_checkpoint, tmp_path_factory):
     port = str(free_port())
     nodes = [subprocess.Popen([python, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2",
                                "--local_worker_num", "1", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-                               "--master_port", port, "--log_dir", str(out / f"log_node{node}"), WORKER,
+                               "--master_port", port, "--cluster_timeout", CLUSTER_TIMEOUT, "--log_dir",
+                               str(out / f"log_node{node}"), WORKER,
                                "--out", str(out), "--pre_trained", float_checkpoint],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for node, python in enumerate([sys.executable, _second_machine(out / "node1")])]
@@ -94,7 +111,7 @@ def run_train_script(demo_data, float_run, folder, *more, wait=True):
     command = ["bash", os.path.join(ROOT, "scripts", "run_train.sh"), "CPU", "2", demo_data[0], float_run,
                *tiny_argv(), "--start_epoch", "2", "--epoch_size", str(SCRIPT_EPOCHS), *more]
     launch = dict(cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                  env=dict(os.environ, MASTER_PORT=str(free_port())))
+                  env=dict(os.environ, MASTER_PORT=str(free_port()), CLUSTER_TIMEOUT=CLUSTER_TIMEOUT))
     return subprocess.run(command, timeout=1200, **launch) if wait else subprocess.Popen(command, **launch)
 
 
@@ -232,3 +249,19 @@ def test_a_node_whose_master_never_answers_fails_within_the_cluster_timeout(tmp_
     assert launched.returncode != 0
     assert (f"error: the cluster did not form within 10 s: every node must be started with the same --worker_num, "
             f"node 0 must run the master at 127.0.0.1:{port}") in launched.stderr, launched.stdout[-2000:]
+
+
+@pytest.mark.quick
+def test_a_worker_that_fails_before_naming_itself_is_quoted(tmp_path):
+    """Workers that fail at start, before they log their rank and process (as `run_train.sh GPU` fails with a
+    CPU-only MindSpore, at set_device): the launcher's report quotes each log's error, not only its folder."""
+    script = tmp_path / "fails.py"
+    script.write_text("import os\nraise RuntimeError(f'no device for rank {os.environ[\"RANK_ID\"]}')\n")
+    launched = subprocess.run([sys.executable, os.path.join(ROOT, "src", "launch.py"), "--worker_num", "2",
+                               "--master_port", str(free_port()), "--cluster_timeout", CLUSTER_TIMEOUT, "--log_dir",
+                               str(tmp_path / "log"), str(script)], capture_output=True, text=True, timeout=120)
+    assert launched.returncode != 0
+    assert re.search(r"error: worker process \d+ exited with code 1; msrun stopped the other ranks on this node; "
+                     r"logs: ", launched.stderr), launched.stderr[-2000:]
+    quoted = re.findall(r"^  worker_(\d)\.log: RuntimeError: no device for rank (\d)$", launched.stderr, re.MULTILINE)
+    assert quoted and all(log == rank for log, rank in quoted), launched.stderr[-2000:]
