@@ -30,8 +30,13 @@ def demo_data(tmp_path_factory):
     return train, val
 
 
+# The seed of every training the fixtures and tests run (weights' initialisation, data order and augmentation):
+# TEST_SEED=2 python -m pytest ... reruns the suite on other trajectories, as another CPU's summation order does.
+# A test that asserts a trained outcome holds for seeds 1, 2 and 3; its margin and their spread are written beside it.
+SEED = int(os.environ.get("TEST_SEED", "1"))
+
 TINY = dict(num_classes=4, width_mult=0.25, image_height=16, image_width=16, batch_size=8, num_parallel_workers=1,
-            crop_min_scale=0.5, log_interval=100, warmup_epochs=0, ema_decay=0.9)
+            crop_min_scale=0.5, log_interval=100, warmup_epochs=0, ema_decay=0.9, seed=SEED)
 
 
 def tiny_argv(without=(), **overrides):
@@ -155,7 +160,7 @@ def float_checkpoint(tmp_path_factory):
     realistic (a fresh network's unit statistics make deep activations vanish), saved."""
     from src import checkpoint
     from src.mobilenetV2 import mobilenet_v2
-    ms.set_seed(0)
+    ms.set_seed(SEED)
     net = mobilenet_v2(CLASSES, WIDTH)
     forward = Forward(net)
     forward.set_train(True)

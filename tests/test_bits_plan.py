@@ -39,11 +39,18 @@ def tiny_network(weight_bits=4, plan=None):
 
 
 @pytest.mark.quick
-def test_choose_widens_the_worst_layers_that_fit_the_budget():
+def test_choose_widens_the_layers_that_remove_most_noise_per_bit():
     sizes = {"a": 100, "b": 10, "c": 1000, "d": 10}
     sensitivity = {"a": 5.0, "b": 20.0, "c": 1.0, "d": 30.0}  # c is the worst, but widening it alone breaks 4.5
     plan = bits_plan.choose(sensitivity, sizes, 4, 8, budget=4.5)
-    assert plan == {"a": 8, "b": 8, "d": 8}  # c passed over; the smaller ones fit, worst first
+    assert plan == {"a": 8, "b": 8, "d": 8}  # c passed over; the smaller ones fit
+    # Three small layers that together hold more logit noise (10^-1.2 + 10^-1.2 + 10^-1.3 of the logits' power)
+    # than the worst one (10^-1.0) are worth more than it, at a hundredth of its bits; worst first would widen the
+    # large one and have nothing left for them.
+    sizes = {"large": 1000, "s1": 10, "s2": 10, "s3": 10}
+    sensitivity = {"large": 10.0, "s1": 12.0, "s2": 12.0, "s3": 13.0}
+    assert bits_plan.choose(sensitivity, sizes, 4, 8, budget=7.9) == {"s1": 8, "s2": 8, "s3": 8}
+    sizes, sensitivity = {"a": 100, "b": 10, "c": 1000, "d": 10}, {"a": 5.0, "b": 20.0, "c": 1.0, "d": 30.0}
     assert bits_plan.average_weight_bits(sizes, 4, plan) == pytest.approx(4 + 4 * 120 / 1120)
     assert bits_plan.choose(sensitivity, sizes, 4, 8, budget=4.4) == {"a": 8, "b": 8}
     assert bits_plan.choose(sensitivity, sizes, 4, 8, budget=4.0) == {}
@@ -136,11 +143,12 @@ def test_analyze_writes_a_plan_that_deploys_exactly(learned_float, learning_data
     sizes = {name: layer.weight.size for name, layer in weight_layers(network).items()}
     assert recorded["average_weight_bits"] == pytest.approx(bits_plan.average_weight_bits(sizes, 4, plan), abs=1e-4)
     assert recorded["average_weight_bits"] <= 4.5
-    # greedy: a layer left at 4 bits that is worse than a widened one would not have fitted beside the plan
+    # greedy: a layer left at 4 bits with more logit noise per weight than a widened one would not have fitted
     sqnr = {row["layer"]: row["sqnr_db"] for row in rows if row["kind"] == "weights"}
     assert set(sqnr) == set(sizes)
+    noise_per_weight = {layer: 10 ** (-sqnr[layer] / 10) / sizes[layer] for layer in sizes}
     for layer in set(sizes) - set(plan):
-        if sqnr[layer] < max(sqnr[p] for p in plan):
+        if noise_per_weight[layer] > min(noise_per_weight[p] for p in plan):
             assert bits_plan.average_weight_bits(sizes, 4, dict(plan, **{layer: 7})) > 4.5
     assert f"wrote {plan_path}" in capsys.readouterr().out
 

@@ -30,14 +30,19 @@ def check_budget(weight_bits, wide_bits, budget):
 
 
 def choose(sensitivity, sizes, weight_bits, wide_bits, budget):
-    """{layer: wide_bits} for the layers whose weights suffer most at weight_bits and fit the budget.
+    """{layer: wide_bits} for the layers whose widening removes the most logit noise per bit of the budget.
 
     sensitivity: {layer: logit SQNR in dB with only that layer's weights quantized at weight_bits} (lower: more
-    sensitive); sizes: {layer: weight count}. Worst first, each layer is widened if the average bits per weight
-    stays within `budget`; one that does not fit is passed over for the next (a smaller layer may still fit)."""
+    sensitive); sizes: {layer: weight count}. A layer's logit noise is 10^(-SQNR/10) of the logits' power; each
+    bit more divides its weights' rounding noise by 4, so widening it removes that noise times
+    1 - 4^-(wide_bits - weight_bits), for size * (wide_bits - weight_bits) bits. Layers are taken by noise removed
+    per weight, highest first (a knapsack's greedy order), each widened if the average bits per weight stays within
+    `budget`; one that does not fit is passed over for the next. Worst SQNR first would spend the budget on a large
+    layer whose noise a few small ones match: on the tests' network that plan came out no better than uniform
+    bits."""
     check_budget(weight_bits, wide_bits, budget)
     plan = {}
-    for layer in sorted(sensitivity, key=sensitivity.get):
+    for layer in sorted(sensitivity, key=lambda name: -10 ** (-sensitivity[name] / 10) / sizes[name]):
         trial = dict(plan, **{layer: wide_bits})
         if average_weight_bits(sizes, weight_bits, trial) <= budget:
             plan = trial
