@@ -1,5 +1,7 @@
 import contextlib
+import fcntl
 import io
+import json
 import os
 import sys
 
@@ -20,14 +22,44 @@ def pytest_configure(config):
                                        "python -m pytest -q -m quick tests is the developer's loop")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): a worker per core, at most 4. The suite's time is graph compiles, each on one core;
+    more workers than that would mostly wait for the trained fixtures they share."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def made_once(tmp_path_factory, name, make):
+    """make(folder) -> a JSON value, run once for the whole test run: by the first pytest-xdist worker that asks,
+    under a lock; the others wait for it and read its result. The trained fixtures take minutes each, so every
+    worker sharing them is what makes the workers pay."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's folder, above each worker's own
+    result = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not result.exists():
+            folder = root / name
+            folder.mkdir(exist_ok=True)  # a worker whose make failed leaves it, and the next one tries again
+            result.write_text(json.dumps(make(str(folder))))
+        return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_start(request):
+    """The two longest fixtures first, each on its own worker (gw0 and gw1) while the other builds the other:
+    a worker that reached one the other is building would otherwise wait minutes for it."""
+    first = {"gw0": "learned_float", "gw1": "qat_run"}.get(os.environ.get("PYTEST_XDIST_WORKER"))
+    if first and any(first in item.fixturenames for item in request.session.items):  # not for -m quick, say
+        request.getfixturevalue(first)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A tiny copy of the demo dataset: 4 classes, 20x20 pixels, 12 training and 6 validation images each."""
     from src.demo_data import generate
-    root = tmp_path_factory.mktemp("demo")
-    train, val = generate(str(root), train_per_class=12, val_per_class=6, image_size=20, seed=3,
-                           num_classes=4)
-    return train, val
+    return tuple(made_once(tmp_path_factory, "demo", lambda root: generate(
+        root, train_per_class=12, val_per_class=6, image_size=20, seed=3, num_classes=4)))
 
 
 # The seed of every training the fixtures and tests run (weights' initialisation, data order and augmentation):
@@ -52,9 +84,9 @@ def tiny_argv(without=(), **overrides):
 def float_run(demo_data, tmp_path_factory):
     """A float checkpoint trained 2 epochs on the tiny demo data."""
     import train as train_script
-    out = str(tmp_path_factory.mktemp("float"))
-    return train_script.main(["--mode", "float", "--dataset_path", demo_data[0], *tiny_argv(), "--start_epoch", "0",
-                              "--epoch_size", "2", "--lr", "0.05", "--save_checkpoint_path", out])
+    return made_once(tmp_path_factory, "float_run", lambda out: train_script.main(
+        ["--mode", "float", "--dataset_path", demo_data[0], *tiny_argv(), "--start_epoch", "0", "--epoch_size", "2",
+         "--lr", "0.05", "--save_checkpoint_path", out]))
 
 
 def qat_run_argv(demo_data, float_run):
@@ -72,11 +104,13 @@ def qat_run_argv(demo_data, float_run):
 def qat_run(demo_data, float_run, tmp_path_factory):
     """(last checkpoint, log) of qat_run_argv's run through train.py."""
     import train as train_script
-    out = str(tmp_path_factory.mktemp("qat"))
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        last = train_script.main([*qat_run_argv(demo_data, float_run), "--save_checkpoint_path", out])
-    return last, log.getvalue()
+
+    def make(out):
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            last = train_script.main([*qat_run_argv(demo_data, float_run), "--save_checkpoint_path", out])
+        return last, log.getvalue()
+    return tuple(made_once(tmp_path_factory, "qat_run", make))
 
 
 # A float network that has learned: 4 demo classes at 32x32, 25 epochs (97.9% top-1 on its validation images on
@@ -103,18 +137,17 @@ def evaluate_learned(path, val_path, *extra):
 def learning_data(tmp_path_factory):
     """(train, val) folders: 4 demo classes, 40 training and 60 validation images each, 36x36."""
     from src.demo_data import generate
-    return generate(str(tmp_path_factory.mktemp("learning")), train_per_class=40, val_per_class=60, image_size=36,
-                    seed=3, num_classes=4)
+    return tuple(made_once(tmp_path_factory, "learning", lambda root: generate(
+        root, train_per_class=40, val_per_class=60, image_size=36, seed=3, num_classes=4)))
 
 
 @pytest.fixture(scope="session")
 def learned_float(learning_data, tmp_path_factory):
     """A float checkpoint trained to convergence on learning_data, through train.py."""
     import train as train_script
-    out = str(tmp_path_factory.mktemp("learned_float"))
-    return train_script.main(["--mode", "float", "--dataset_path", learning_data[0], *learned_argv(warmup_epochs=1),
-                              "--start_epoch", "0", "--epoch_size", "25", "--lr", "0.02",
-                              "--keep_checkpoint_max", "1", "--save_checkpoint_path", out])
+    return made_once(tmp_path_factory, "learned_float", lambda out: train_script.main(
+        ["--mode", "float", "--dataset_path", learning_data[0], *learned_argv(warmup_epochs=1), "--start_epoch", "0",
+         "--epoch_size", "25", "--lr", "0.02", "--keep_checkpoint_max", "1", "--save_checkpoint_path", out]))
 
 
 def checkpoint_arrays(path):
@@ -160,12 +193,15 @@ def float_checkpoint(tmp_path_factory):
     realistic (a fresh network's unit statistics make deep activations vanish), saved."""
     from src import checkpoint
     from src.mobilenetV2 import mobilenet_v2
-    ms.set_seed(SEED)
-    net = mobilenet_v2(CLASSES, WIDTH)
-    forward = Forward(net)
-    forward.set_train(True)
-    for seed in range(15):
-        forward(images(seed))
-    path = str(tmp_path_factory.mktemp("float") / "float.ckpt")
-    checkpoint.save(net, path, net, 0, 0)
-    return path
+
+    def make(folder):
+        ms.set_seed(SEED)
+        net = mobilenet_v2(CLASSES, WIDTH)
+        forward = Forward(net)
+        forward.set_train(True)
+        for seed in range(15):
+            forward(images(seed))
+        path = os.path.join(folder, "float.ckpt")
+        checkpoint.save(net, path, net, 0, 0)
+        return path
+    return made_once(tmp_path_factory, "float_checkpoint", make)

@@ -70,6 +70,7 @@ def dp_run(float_checkpoint, tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.xdist_group("dp_run")
 def test_two_ranks_match_each_other_and_one_process_on_the_global_batch(dp_run):
     single, rank0, rank1 = (np.load(os.path.join(dp_run, f"{name}.npz")) for name in ("single", "rank0", "rank1"))
     start = np.load(os.path.join(dp_run, "start.npz"))
@@ -83,6 +84,7 @@ def test_two_ranks_match_each_other_and_one_process_on_the_global_batch(dp_run):
         np.testing.assert_allclose(rank0[name], single[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.xdist_group("dp_run")
 def test_moving_bn_statistics_agree_across_ranks(dp_run):
     """BN not frozen: each rank normalises by its own half batch, and all move their running statistics by the
     mean of both halves' statistics (broken once: the update read the statistics before the kernel wrote them)."""
@@ -93,6 +95,7 @@ def test_moving_bn_statistics_agree_across_ranks(dp_run):
         np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=name)
 
 
+@pytest.mark.xdist_group("dp_run")
 def test_reestimated_bn_statistics_agree_across_ranks(dp_run):
     """BN re-estimation on 2 ranks, each over its own half batches: the statistics of both halves, agreed."""
     moving, rank0, rank1 = (np.load(os.path.join(dp_run, name)) for name in
@@ -124,6 +127,7 @@ def script_run(demo_data, float_run, tmp_path_factory):
     return folder
 
 
+@pytest.mark.xdist_group("script_run")
 def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, script_run):
     """The users' entry points: 2 CPU ranks through msrun, per-rank logs, rank 0's checkpoints, then inference."""
     train_path, val_path = demo_data
@@ -150,6 +154,7 @@ def test_run_train_script_on_two_cpu_workers_then_run_infer(demo_data, script_ru
     assert half_given.returncode != 0 and "NODE_NUM=2 needs NODE_RANK and MASTER_ADDR" in half_given.stdout
 
 
+@pytest.mark.xdist_group("script_run")
 def test_a_killed_rank_ends_the_job_and_resume_latest_continues_exactly(demo_data, float_run, script_run,
                                                                         tmp_path):
     """script_run's command, rank 1 killed (SIGKILL) once rank 0 has saved epoch 1: the job ends, naming the rank

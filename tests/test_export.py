@@ -23,6 +23,7 @@ def exported(qat_run, tmp_path_factory):
     return checkpoint_path, paths
 
 
+@pytest.mark.xdist_group("export")
 def test_onnx_is_an_integer_model_onnx_runtime_runs_on_integer_kernels(exported, tmp_path):
     _, paths = exported
     model = onnx.load(paths["ONNX"])
@@ -43,6 +44,7 @@ def test_onnx_is_an_integer_model_onnx_runtime_runs_on_integer_kernels(exported,
     assert fused["Conv"] == 0 and fused["Add"] == 0
 
 
+@pytest.mark.xdist_group("export")
 def test_deployed_models_agree_with_the_checkpoint_exactly(exported, demo_data, capsys):
     checkpoint_path, paths = exported
     _, val_path = demo_data
@@ -65,6 +67,7 @@ def test_deployed_models_agree_with_the_checkpoint_exactly(exported, demo_data, 
     assert simulated["top1_agreement"] >= 23 / 24 and simulated["max_logit_diff_steps"] <= 2
 
 
+@pytest.mark.xdist_group("export")
 def test_onnx_model_is_evaluated_at_the_size_it_takes(exported, demo_data):
     _, paths = exported
     _, val_path = demo_data
@@ -77,6 +80,7 @@ def test_onnx_model_is_evaluated_at_the_size_it_takes(exported, demo_data):
                           *tiny_argv(image_height=24, image_width=24)])
 
 
+@pytest.mark.xdist_group("export")
 def test_wrong_export_requests_fail_clearly(exported, float_run, tmp_path):
     """AIR off Ascend, the wrong kind of checkpoint, an unreadable exported model."""
     checkpoint_path, _ = exported

@@ -56,6 +56,7 @@ def reference(request, parity_inputs, tmp_path_factory):
     return request.param, os.path.join(out, f"{PARITY_WIDTH:g}")
 
 
+@pytest.mark.xdist_group("import_reference")
 def test_imported_network_computes_the_pytorch_logits(reference, parity_inputs, tmp_path):
     library, folder = reference
     written = []
@@ -84,6 +85,7 @@ def test_imported_network_computes_the_pytorch_logits(reference, parity_inputs, 
     np.testing.assert_array_equal(ours.argmax(1), theirs.argmax(1))
 
 
+@pytest.mark.xdist_group("import_reference")
 def test_imported_network_exports_to_onnx_with_the_pytorch_logits(reference, parity_inputs, tmp_path):
     """export.py takes an imported checkpoint like one train.py wrote: FP32 ONNX in ONNX Runtime, same logits
     (exported for batches of 3, run on 4 images: two chunks, the last padded)."""
@@ -115,6 +117,7 @@ def _save_safetensors(state, path):
     return path
 
 
+@pytest.mark.xdist_group("import_reference")
 def test_what_does_not_fit_is_named_and_nothing_is_written(reference, tmp_path):
     library, folder = reference
     state = read_state_dict(os.path.join(folder, "weights.safetensors"))
@@ -149,6 +152,7 @@ def test_what_does_not_fit_is_named_and_nothing_is_written(reference, tmp_path):
     assert open(output, "rb").read() == b"precious"
 
 
+@pytest.mark.xdist_group("import_reference")
 def test_pth_without_torch_names_the_missing_package(reference, tmp_path):
     _, folder = reference
     code = ("import sys; sys.modules['torch'] = None; import import_weights; "
@@ -212,6 +216,7 @@ def fine_tuned(imported_pretrained, learning_data, tmp_path_factory):
     return last, log.getvalue()
 
 
+@pytest.mark.xdist_group("import_fine_tuned")
 def test_fine_tuning_from_imported_weights_needs_fewer_epochs(fine_tuned, learned_float, learning_data):
     path, log = fine_tuned
     assert "re-initialising the classifier (checkpoint shape differs: classifier.weight (10, 1280) vs (4, 1280)" in log
@@ -222,6 +227,7 @@ def test_fine_tuning_from_imported_weights_needs_fewer_epochs(fine_tuned, learne
     assert fine_tuned_acc >= scratch_acc - 0.05
 
 
+@pytest.mark.xdist_group("import_fine_tuned")
 def test_import_ptq_qat_onnx_chain(fine_tuned, learning_data, tmp_path):
     fine_tuned, _ = fine_tuned
     train_path, val_path = learning_data

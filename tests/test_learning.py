@@ -39,6 +39,7 @@ def float_and_ptq_accuracy(learning_data, learned_float, tmp_path_factory):
     return evaluate_learned(learned_float, val_path)["acc"], evaluate_learned(ptq, val_path)["acc"]
 
 
+@pytest.mark.xdist_group("learning")
 @pytest.mark.parametrize("quantizer", list(QUANTIZER_ARGV))
 def test_qat_wins_back_what_calibration_loses(quantizer, learning_data, learned_float, float_and_ptq_accuracy,
                                               tmp_path):

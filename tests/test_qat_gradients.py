@@ -98,6 +98,7 @@ def steps(request, learned_float, batch, float_updates):
     return float_updates[request.param], quant_step
 
 
+@pytest.mark.xdist_group("qat_gradients")
 def test_without_rounding_the_quantized_step_is_the_float_step(steps):
     float_updates, quant_step = steps
     quant_updates = quant_step.updates(rounding=False)
@@ -108,6 +109,7 @@ def test_without_rounding_the_quantized_step_is_the_float_step(steps):
     assert cosines[worst] >= 0.999, (worst, cosines[worst])
 
 
+@pytest.mark.xdist_group("qat_gradients")
 def test_with_rounding_every_parameter_moves_close_to_the_float_step(steps):
     float_updates, quant_step = steps
     quant_updates = quant_step.updates(rounding=True)
@@ -120,6 +122,7 @@ def test_with_rounding_every_parameter_moves_close_to_the_float_step(steps):
     assert np.median(cosines) >= 0.9, cosines[:5]
 
 
+@pytest.mark.xdist_group("qat_gradients")
 def test_kernel_gradients_are_mindspore_gradients(float_updates):
     """The float step on our CPU kernels against the same step on MindSpore's ops, layer by layer."""
     kernels, stock = float_updates["kernels"], float_updates["mindspore_ops"]
