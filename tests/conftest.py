@@ -118,7 +118,11 @@ def qat_run(demo_data, float_run, tmp_path_factory):
 # quantization noise swamps the signal of small activations, and there is no accuracy for rounding to lose.
 # Batch 16, not 8: the last stages are 1x1 at 32x32, so their BN batch statistics come from batch_size values;
 # with 8 the run diverged for epochs and ended at 51.7% there (71.7% with the code of two sessions ago, 95% on an
-# AVX2-only machine: chance decided), with 16 it trains steadily.
+# AVX2-only machine: chance decided), with 16 it trains steadily. Not on every seed: on a 2-core AMD EPYC with AVX2
+# only (2026-12-07) TEST_SEED 2 ended at 72.1% (the loss climbed for 8 epochs after the warm-up), and there the
+# learning and gradient tests fail; seed 3 reached 100%. At lr 0.01 the three seeds reached 99.6%, 97.1% and 99.2%,
+# but seed 1's rounding-on median cosine in test_qat_gradients fell to 0.837 (< 0.9): that test depends on the
+# fixture network beyond its accuracy, and both need rework before the fixture changes.
 LEARNED = dict(num_classes=4, width_mult=0.25, image_height=32, image_width=32, batch_size=16,
                num_parallel_workers=1, crop_min_scale=0.5, log_interval=100, ema_decay=0.9)
 
