@@ -15,8 +15,8 @@ import numpy as np
 # weight_bits, act_bits, edge_act_bits, layer_weight_bits (a mixed-precision plan, JSON) and quantizer only in
 # quantized checkpoints: the stored ranges mean nothing at another bit width, and LSQ's step sizes are Parameters
 # that a minmax network does not have.
-NETWORK_KEYS = ("num_classes", "width_mult", "weight_bits", "act_bits", "edge_act_bits", "layer_weight_bits",
-                "quantizer")
+NETWORK_KEYS = ("num_classes", "width_mult", "depth_mult", "weight_bits", "act_bits", "edge_act_bits",
+                "layer_weight_bits", "quantizer")
 # What it says about the input it was trained on (src.dataset.input_record): size and normalisation.
 INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
 META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num", "val_acc")
@@ -41,7 +41,8 @@ def save(cell, path, network, epoch_num, step_num, record=None):
     mid-write never leaves a truncated checkpoint under the final name. `record`: more metadata to keep with it,
     e.g. the input the network was trained on (src.dataset.input_record) and its validation accuracy (val_acc)."""
     meta = {"network_kind": network_kind(network), "num_classes": network.num_classes,
-            "width_mult": float(network.width_mult), "epoch_num": int(epoch_num), "step_num": int(step_num)}
+            "width_mult": float(network.width_mult), "depth_mult": float(network.depth_mult),
+            "epoch_num": int(epoch_num), "step_num": int(step_num)}
     if network.quant_config is not None:
         quant = network.quant_config
         meta.update(weight_bits=quant.weight_bits, act_bits=quant.act_bits, edge_act_bits=quant.edge_act_bits,
@@ -77,6 +78,8 @@ def read(path, only=None):
     if "act_bits" in meta and "edge_act_bits" not in meta:
         # Written before edge_act_bits was recorded, when every activation took act_bits.
         meta["edge_act_bits"] = meta["act_bits"]
+    if "num_classes" in meta and "depth_mult" not in meta:
+        meta["depth_mult"] = 1.0  # written before depth_mult was recorded: every network had MobileNetV2's depth
     if "network_kind" not in meta and only is None:
         # A checkpoint from elsewhere: the observers' state tells a quantized network from a float one.
         meta["network_kind"] = QUANT if any(".observer." in name for name in entries) else FLOAT

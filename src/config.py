@@ -14,6 +14,7 @@ from src.quant.quantizer import QUANTIZERS
 _COMMON = dict(
     num_classes=1000,
     width_mult=1.0,
+    depth_mult=1.0,           # blocks per stage: ceil(repeats * depth_mult), at least one
     image_height=224,
     image_width=224,
     batch_size=32,

@@ -1,5 +1,7 @@
 """MobileNetV2 (Sandler et al. 2018), described once and built float or quantization-aware from that one
 description: the layer kinds come from `FloatLayers` or `QuantLayers`, the architecture does not change."""
+import math
+
 from mindspore import nn, ops
 
 from src.layers import FloatLayers, make_divisible
@@ -45,14 +47,19 @@ class InvertedResidual(nn.Cell):
 
 
 class MobileNetV2(nn.Cell):
-    """MobileNetV2 for any input size; `quant_config` (a QuantConfig) makes it quantization-aware."""
+    """MobileNetV2 for any input size; `quant_config` (a QuantConfig) makes it quantization-aware. `width_mult`
+    scales every layer's channels, `depth_mult` each stage's number of blocks (rounded up, so every stage keeps at
+    least one, as timm's depth multiplier)."""
 
-    def __init__(self, num_classes=1000, width_mult=1.0, quant_config=None):
+    def __init__(self, num_classes=1000, width_mult=1.0, quant_config=None, depth_mult=1.0):
         super().__init__()
+        if not depth_mult > 0:
+            raise ValueError(f"depth_mult must be positive, got {depth_mult}")
         layers = QuantLayers(quant_config) if quant_config is not None else FloatLayers()
         self.quantized = layers.quantized
         self.integer_inference = self.quantized  # see src/quant/layers.py
-        self.num_classes, self.width_mult, self.quant_config = num_classes, width_mult, quant_config
+        self.num_classes, self.width_mult, self.depth_mult = num_classes, width_mult, depth_mult
+        self.quant_config = quant_config
         # The network input is quantized too: the integer model starts from quantized pixels.
         self.input_quant = layers.edge_activation_quant()
         in_channels = make_divisible(STEM_CHANNELS * width_mult)
@@ -60,7 +67,7 @@ class MobileNetV2(nn.Cell):
         features = [layers.conv_bn_act(3, in_channels, kernel_size=3, stride=2)]
         for expand_ratio, channels, repeats, stride in INVERTED_RESIDUAL_SETTING:
             out_channels = make_divisible(channels * width_mult)
-            for i in range(repeats):
+            for i in range(math.ceil(repeats * depth_mult)):
                 features.append(InvertedResidual(layers, in_channels, out_channels, stride if i == 0 else 1,
                                                  expand_ratio))
                 in_channels = out_channels
@@ -84,8 +91,8 @@ class MobileNetV2(nn.Cell):
         return self.classifier(x)
 
 
-def mobilenet_v2(num_classes=1000, width_mult=1.0, quant_config=None):
-    return MobileNetV2(num_classes, width_mult, quant_config)
+def mobilenet_v2(num_classes=1000, width_mult=1.0, quant_config=None, depth_mult=1.0):
+    return MobileNetV2(num_classes, width_mult, quant_config, depth_mult)
 
 
 def network_from_config(config, quantized, sync_group=None):
@@ -97,4 +104,4 @@ def network_from_config(config, quantized, sync_group=None):
                                    ema_decay=config.ema_decay, quantizer=config.quantizer,
                                    layer_weight_bits=tuple(sorted(config.layer_weight_bits.items())),
                                    sync_group=sync_group)
-    return mobilenet_v2(config.num_classes, config.width_mult, quant_config)
+    return mobilenet_v2(config.num_classes, config.width_mult, quant_config, config.depth_mult)

@@ -35,7 +35,8 @@ def main():
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device("CPU")
     rank, group_size, group = (0, 1, None) if args.single else train_script.init_data_parallel()
-    config = EasyDict(dict(config_cpu, num_classes=5, width_mult=0.25, ema_decay=0.5))
+    depth = checkpoint.read(args.pre_trained)[1]["depth_mult"]
+    config = EasyDict(dict(config_cpu, num_classes=5, width_mult=0.25, depth_mult=depth, ema_decay=0.5))
     ms.set_seed(0)
     network = network_from_config(config, quantized=True, sync_group=group)
     checkpoint.load_into(network, args.pre_trained, allow_missing=quant_state_names(network))

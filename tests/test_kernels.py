@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops, Tensor
 
-from conftest import Forward
+from conftest import DEPTH, Forward
 import src.kernels as kernels
 from src.kernels import DirectConv2D, cpu_kernel_library, min_max_op, stock_convolution, use_mindspore_ops
 from src.layers import ConvBNAct
@@ -199,7 +199,7 @@ def test_network_on_our_kernels_equals_network_on_mindspore_ops(library):
     inference, from the same state, bit for bit. With rounding on, a network is not compared: one code rounded
     the other way changes every layer after it by more than any float32 tolerance (each layer on its own is
     compared above)."""
-    ours, stock = _twins(lambda: mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig()))
+    ours, stock = _twins(lambda: mobilenet_v2(5, 0.25, QuantConfig(), DEPTH))
     stem, first_pointwise = ours.features[0], ours.features[1].conv[1]
     assert isinstance(stem.conv, DirectConv2D) and isinstance(first_pointwise.conv, ops.Conv2D)
     assert ours.input_quant.fake_quant.kernels is not None and ours.input_quant.observer.min_max is not None
@@ -248,7 +248,7 @@ def test_without_a_compiler_the_network_runs_on_mindspore_ops_with_a_warning(mon
     monkeypatch.setattr(kernels, "_library_path", None)
     with pytest.warns(UserWarning, match="could not compile the CPU kernels.*no-such-compiler-here.*Install g"):
         assert cpu_kernel_library() is None
-    network = mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig())
+    network = mobilenet_v2(num_classes=5, width_mult=0.25, quant_config=QuantConfig(), depth_mult=DEPTH)
     assert isinstance(network.features[0].conv, ops.Conv2D) and network.input_quant.fake_quant.kernels is None
     assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
 

@@ -6,9 +6,8 @@ import mindspore as ms
 import pytest
 from mindspore import nn, Tensor
 
-from conftest import TINY, checkpoint_arrays, tiny_argv
+from conftest import checkpoint_arrays, tiny_argv, tiny_mobilenet
 from src import checkpoint
-from src.mobilenetV2 import mobilenet_v2
 from src.quant.fake_quant import LearnedStepFakeQuantize, quant_range
 from src.quant.quantizer import LearnedStepQuantizer, QuantConfig, activation_quantizer, weight_quantizer
 from src.quant.schedule import QuantSchedule
@@ -158,13 +157,13 @@ def test_lsq_run_learns_step_sizes_and_deploys_exactly(demo_data, float_run, tmp
     assert meta["quantizer"] == "lsq"
     first_epoch, _ = checkpoint_arrays(str(tmp_path / "mobilenetV2_quant-1_6.ckpt"))
     steps = [name for name in params if name.endswith(".step_size") and not name.startswith("moments.")]
-    assert len(steps) == len([name for name in params if name.endswith(".quant_enabled")]) > 100
+    assert len(steps) == len([name for name in params if name.endswith(".quant_enabled")]) > 50
     assert all(params[name.replace("step_size", "learned")] == 1 for name in steps)
     assert all(f"moments.{name}" in params for name in steps)
     # Taken over at the first step of epoch 2 (after epoch 1's checkpoint), then trained: all but a few moved.
     assert all(first_epoch[name.replace("step_size", "learned")] == 0 for name in steps)
     bits = QuantConfig(meta["weight_bits"], meta["act_bits"], quantizer="lsq")
-    network = mobilenet_v2(TINY["num_classes"], TINY["width_mult"], bits)
+    network = tiny_mobilenet(bits)
     checkpoint.load_into(network, last)
     quantizers = [(name, cell) for name, cell in network.cells_and_names() if isinstance(cell, LearnedStepQuantizer)]
     assert len(quantizers) == len(steps)

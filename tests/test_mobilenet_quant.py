@@ -8,7 +8,7 @@ import pytest
 from easydict import EasyDict
 from mindspore import Tensor
 
-from conftest import BATCH, CLASSES, TINY, WIDTH, Forward, checkpoint_arrays, images
+from conftest import BATCH, CLASSES, DEPTH, WIDTH, Forward, checkpoint_arrays, images, tiny_mobilenet
 from src import checkpoint
 from src.config import config_cpu
 from src.layers import set_compute_dtype
@@ -23,19 +23,22 @@ f32 = np.float32
 
 
 def quant_net(path=None, **config):
-    net = mobilenet_v2(CLASSES, WIDTH, QuantConfig(**config))
+    net = mobilenet_v2(CLASSES, WIDTH, QuantConfig(**config), DEPTH)
     if path:
         checkpoint.load_into(net, path, allow_missing=quant_state_names(net))
     return net
 
 
-def test_one_description_builds_both_networks():
-    float_net, q_net = mobilenet_v2(CLASSES, WIDTH), quant_net()
+@pytest.mark.parametrize("depth,blocks,weight_quantizers", [(1.0, 17, 52 + 1), (DEPTH, 8, 25 + 1)])
+def test_one_description_builds_both_networks(depth, blocks, weight_quantizers):
+    float_net, q_net = mobilenet_v2(CLASSES, WIDTH, depth_mult=depth), mobilenet_v2(CLASSES, WIDTH, QuantConfig(), depth)
     float_names, quant_names = set(float_net.parameters_dict()), set(q_net.parameters_dict())
     assert float_names < quant_names
     assert quant_names - float_names == set(quant_state_names(q_net))
-    # 17 inverted residual blocks + stem + last conv, each conv with a per-channel weight quantizer
-    assert sum(name.endswith("weight_quant.observer.max_abs") for name in quant_names) == 52 + 1
+    # inverted residual blocks (depth_mult 0.3: a block a stage, two in the fourth) + stem + last conv, each conv
+    # with a per-channel weight quantizer, and the classifier's
+    assert len(q_net.features) == blocks + 2
+    assert sum(name.endswith("weight_quant.observer.max_abs") for name in quant_names) == weight_quantizers
 
 
 @pytest.mark.quick
@@ -44,12 +47,12 @@ def test_each_quantized_layer_knows_the_quantizer_of_its_input():
     net = quant_net()
     names = {id(cell): name for name, cell in net.cells_and_names()}
     inputs = {name: names[id(layer.input_quantizer[0])] for name, layer in weight_layers(net).items()}
-    assert len(inputs) == 53
+    assert len(inputs) == 26
     assert inputs["features.0"] == "input_quant"
     assert inputs["features.1.conv.0"] == "features.0.output_quant"
     assert inputs["features.1.conv.1"] == "features.1.conv.0.output_quant"
     assert inputs["features.3.conv.0"] == "features.2.conv.2.output_quant"  # after a block without a residual
-    assert inputs["features.4.conv.0"] == "features.3.add.output_quant"     # after a residual block
+    assert inputs["features.6.conv.0"] == "features.5.add.output_quant"     # after a residual block
     assert inputs["classifier"] == "pool_quant"
 
 
@@ -57,7 +60,7 @@ def test_quantized_logits_follow_float_logits(float_checkpoint):
     """8-bit per-channel weights and 8-bit activations add noise of about step/sqrt(12) per tensor (about
     48 dB below the signal for a well-used range); over ~50 quantized tensors the logits keep a cosine
     similarity above 0.99 with the float ones. A wrong fold, scale or zero point drops it far below."""
-    float_net = mobilenet_v2(CLASSES, WIDTH)
+    float_net = mobilenet_v2(CLASSES, WIDTH, depth_mult=DEPTH)
     checkpoint.load_into(float_net, float_checkpoint)
     float_net.set_train(False)
     q_net = quant_net(float_checkpoint)
@@ -99,7 +102,7 @@ def test_observers_move_in_graph_training_and_stay_once_frozen(qat_run, tmp_path
     assert [n for n in frozen_start if not np.array_equal(frozen_start[n], frozen_end[n])] == []
     assert not np.array_equal(step8["classifier.weight"], step12["classifier.weight"])  # the weights still train
 
-    net = mobilenet_v2(TINY["num_classes"], TINY["width_mult"], QuantConfig())
+    net = tiny_mobilenet(QuantConfig())
     meta = checkpoint.load_into(net, last)
     assert meta["network_kind"] == "quant" and meta["epoch_num"] == 2 and meta["step_num"] == 12
     saved = str(tmp_path / "round_trip.ckpt")
@@ -113,7 +116,7 @@ def test_observers_move_in_graph_training_and_stay_once_frozen(qat_run, tmp_path
 
 def test_float_checkpoint_mismatches_are_named(float_checkpoint, tmp_path):
     # another number of classes: the classifier's shape is named, and nothing is loaded
-    other = mobilenet_v2(CLASSES + 2, WIDTH, QuantConfig())
+    other = mobilenet_v2(CLASSES + 2, WIDTH, QuantConfig(), DEPTH)
     before = other.features[0].weight.asnumpy().copy()
     with pytest.raises(checkpoint.CheckpointError, match=r"wrong shape \(2\): classifier.weight"):
         checkpoint.load_into(other, float_checkpoint, allow_missing=quant_state_names(other))
@@ -124,7 +127,7 @@ def test_float_checkpoint_mismatches_are_named(float_checkpoint, tmp_path):
 
     # another width: every mismatching layer named
     with pytest.raises(checkpoint.CheckpointError, match=r"wrong shape .*features\.0\.weight"):
-        checkpoint.load_into(mobilenet_v2(CLASSES, 0.5), float_checkpoint)
+        checkpoint.load_into(mobilenet_v2(CLASSES, 0.5, depth_mult=DEPTH), float_checkpoint)
     # a quantized network may only lack its quantization state, and a float one takes no quantizer state
     q_net = quant_net()
     with pytest.raises(checkpoint.CheckpointError, match=r"missing \(\d+\): input_quant"):
@@ -132,7 +135,7 @@ def test_float_checkpoint_mismatches_are_named(float_checkpoint, tmp_path):
     quant_path = str(tmp_path / "q.ckpt")
     checkpoint.save(q_net, quant_path, q_net, 0, 0)
     with pytest.raises(checkpoint.CheckpointError, match=r"unexpected \(\d+\): .*observer"):
-        checkpoint.load_into(mobilenet_v2(CLASSES, WIDTH), quant_path)
+        checkpoint.load_into(mobilenet_v2(CLASSES, WIDTH, depth_mult=DEPTH), quant_path)
     # files that are not checkpoints
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found: .*nothing.ckpt"):
         checkpoint.load_into(q_net, str(tmp_path / "nothing.ckpt"))

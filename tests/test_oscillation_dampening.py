@@ -7,11 +7,11 @@ import pytest
 from mindspore import nn, Tensor
 
 import train as train_script
-from conftest import TINY, tiny_argv
+from conftest import tiny_argv, tiny_mobilenet
 from src import checkpoint
 from src.config import parse_args
 from src.layers import BN_EPS
-from src.mobilenetV2 import mobilenet_v2, network_from_config
+from src.mobilenetV2 import network_from_config
 from src.quant.layers import OscillationDampening, QuantConvBNAct, weight_layers
 from src.quant.quantizer import QuantConfig, weight_quantizer
 
@@ -63,7 +63,7 @@ def _latent_weight(layer):
 
 @pytest.mark.quick
 def test_network_penalty_sums_its_layers_keeps_parameter_names_and_pulls_the_classifier_to_its_grid():
-    net = mobilenet_v2(TINY["num_classes"], TINY["width_mult"], QuantConfig(weight_bits=3))
+    net = tiny_mobilenet(QuantConfig(weight_bits=3))
     names = [p.name for p in net.get_parameters()]
     dampening = OscillationDampening(net, STRENGTH)
     assert [p.name for p in net.get_parameters()] == names

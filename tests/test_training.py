@@ -269,7 +269,7 @@ def test_sensitivity_report_measures_each_tensor_alone(demo_data, qat_run, tmp_p
     set_integer_inference(network, False)  # as analyze measures: fake quantization, tensor by tensor
     found = quantizers(network)
     # weights, conv and classifier outputs, residual sums, the input and the pooling
-    assert len(rows) == len(found) == 53 + 53 + 11 + 2
+    assert len(rows) == len(found) == 26 + 26 + 2 + 2
     images, labels = next(iter(Epoch(create_dataset(val_path, False, config))))  # the first batch, as analyze's
     predict = network_predictor(network, config.batch_size)
 
