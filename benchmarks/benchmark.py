@@ -192,7 +192,7 @@ def part_onnx(args):
         q_net.set_train(True)
         q_net(ms.Tensor(batch))  # the observers see one batch, so the ranges are realistic
         freeze_ranges(q_net, 224, 224)
-        export_onnx(q_net, os.path.join(out, "int8.onnx"), 224, 224)
+        export_onnx(q_net, os.path.join(out, "int8.onnx"), (3, 224, 224))
         options = ort.SessionOptions()
         options.intra_op_num_threads = os.cpu_count()
         models = {"fp32": (os.path.join(out, f"fp32_b{args.batch_size}.onnx"), os.path.join(out, "fp32_b1.onnx")),

@@ -56,7 +56,7 @@ def export(network, file_name, file_format, batch_size, image_height, image_widt
         freeze_ranges(network, image_height, image_width)
     if file_format == "ONNX" and quantized:
         path = file_name + ".onnx"
-        export_onnx(network, path, image_height, image_width)
+        export_onnx(network, path, (3, image_height, image_width))
         return path
     if file_format in ("AIR", "ONNX"):  # Ascend 310 graphs, and MindSpore's ONNX export, take a fixed batch size
         example = Tensor(np.zeros((batch_size, 3, image_height, image_width), np.float32))

@@ -134,6 +134,13 @@ class Add(nn.Cell):
         return x + y
 
 
+class GlobalAveragePool(nn.Cell):
+    """(N, C, H, W) -> (N, C): each channel's mean."""
+
+    def construct(self, x):
+        return ops.mean(x, (2, 3))
+
+
 class FloatLayers:
     """Builds the float version of each kind of layer the network description asks for."""
     quantized = False
@@ -144,6 +151,14 @@ class FloatLayers:
     @staticmethod
     def edge_activation_quant():
         return nn.Identity()
+
+    @staticmethod
+    def quantize_input(output_quant):
+        return nn.Identity()
+
+    @staticmethod
+    def global_average_pool(output_quant):
+        return GlobalAveragePool()
 
 
 def make_divisible(value, divisor=8):

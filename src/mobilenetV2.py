@@ -2,11 +2,11 @@
 description: the layer kinds come from `FloatLayers` or `QuantLayers`, the architecture does not change."""
 import math
 
-from mindspore import nn, ops
+from mindspore import nn
 
 from src.layers import FloatLayers, make_divisible
-from src.quant import integer
-from src.quant.layers import QuantLayers, link_input_quantizers, set_layer_weight_bits
+from src.quant.dataflow import link_input_quantizers
+from src.quant.layers import QuantLayers, set_layer_weight_bits
 from src.quant.quantizer import QuantConfig
 
 # (expansion t, output channels c, repeats n, first stride s) of each stage of inverted residual blocks.
@@ -57,11 +57,11 @@ class MobileNetV2(nn.Cell):
             raise ValueError(f"depth_mult must be positive, got {depth_mult}")
         layers = QuantLayers(quant_config) if quant_config is not None else FloatLayers()
         self.quantized = layers.quantized
-        self.integer_inference = self.quantized  # see src/quant/layers.py
         self.num_classes, self.width_mult, self.depth_mult = num_classes, width_mult, depth_mult
         self.quant_config = quant_config
         # The network input is quantized too: the integer model starts from quantized pixels.
         self.input_quant = layers.edge_activation_quant()
+        self.quantize_input = layers.quantize_input(self.input_quant)
         in_channels = make_divisible(STEM_CHANNELS * width_mult)
         last_channels = make_divisible(LAST_CHANNELS * max(1.0, width_mult))
         features = [layers.conv_bn_act(3, in_channels, kernel_size=3, stride=2)]
@@ -74,6 +74,7 @@ class MobileNetV2(nn.Cell):
         features.append(layers.conv_bn_act(in_channels, last_channels, kernel_size=1))
         self.features = nn.SequentialCell(features)
         self.pool_quant = layers.edge_activation_quant()
+        self.pool = layers.global_average_pool(self.pool_quant)
         self.classifier = layers.dense(last_channels, num_classes)
         if quant_config is not None:
             if quant_config.layer_weight_bits:
@@ -81,14 +82,10 @@ class MobileNetV2(nn.Cell):
             link_input_quantizers(self)
 
     def construct(self, x):
-        if self.integer_inference and not self.training:
-            # The deployed integer model: activations travel as (codes, scale, zero point) from here on.
-            x = self.features(self.input_quant.clamp_codes(integer.quantize(x, *self.input_quant.qparams())))
-            pooled = self.pool_quant.clamp_codes(integer.global_average_pool(x, *self.pool_quant.qparams()))
-            return self.classifier(pooled)
-        x = self.features(self.input_quant(x))
-        x = self.pool_quant(ops.mean(x, (2, 3)))
-        return self.classifier(x)
+        # Quantized, in integer inference: activations travel as (codes, scale, zero point) from the input
+        # quantizer to the classifier, which returns the dequantized logits (src/quant/layers.py). The same
+        # construct is the dataflow that export writes (src/quant/dataflow.py).
+        return self.classifier(self.pool(self.features(self.quantize_input(x))))
 
 
 def mobilenet_v2(num_classes=1000, width_mult=1.0, quant_config=None, depth_mult=1.0):

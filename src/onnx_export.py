@@ -14,15 +14,16 @@ ONNX Runtime's QDQ fusion turns Q -> DQ -> Conv -> Q into QLinearConv, Add into 
 QLinearGlobalAveragePool. The classifier is written as a 1x1 convolution on the pooled (N, C, 1, 1)
 tensor: the same arithmetic as the dense layer, and it keeps the whole network in integer kernels.
 
-`export_onnx` mirrors MobileNetV2.construct; a change of the architecture changes both. Inference of the quantized
-network computes this graph's arithmetic as ONNX Runtime does (src/quant/integer.py).
+The graph is the network's dataflow, traced from its construct (src/quant/dataflow.py): each quantized layer
+lowers itself to `OnnxWriter`, which names no attribute of the network. Inference of the quantized network
+computes this graph's arithmetic as ONNX Runtime does (src/quant/integer.py).
 """
 import numpy as np
 import onnx
 from mindspore import Tensor
 from onnx import helper, numpy_helper, TensorProto
 
-from src.quant.layers import QuantConvBNAct
+from src.quant.dataflow import trace
 
 OPSET = 13
 
@@ -47,12 +48,18 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
         return output
 
+    def rename(self, output, name):
+        """Give the node that writes `output` (the graph's output) that name instead."""
+        node = next(node for node in self.nodes if output in node.output)
+        node.output[0] = node.name = name
+
 
 class _Activation:
-    """A uint8-quantized tensor of the graph: its dequantized name, scale and zero point."""
+    """A uint8-quantized tensor of the graph: its dequantized name, scale and zero point; `channels`: the width of
+    a dense layer's (N, C) output."""
 
-    def __init__(self, name, scale, zero_point):
-        self.name, self.scale, self.zero_point = name, scale, zero_point
+    def __init__(self, name, scale, zero_point, channels=None):
+        self.name, self.scale, self.zero_point, self.channels = name, scale, zero_point, channels
 
 
 def _numpy(tensor):
@@ -95,39 +102,60 @@ def _conv(graph, x, layer, hint, activation=False, stride=1, padding=0, groups=1
     return _quantize_activation(graph, y, layer.output_quant, hint, relu6=activation)
 
 
-def _conv_bn_act(graph, x, layer, hint):
-    return _conv(graph, x, layer, hint, layer.activation, layer.stride, layer.padding, layer.groups)
+class OnnxWriter:
+    """The QDQ ONNX writer as a target of the network's dataflow (src/quant/dataflow.py): each quantized layer,
+    lowered, writes its operators; the values are the graph's dequantized activations. Node names start with the
+    layer's name in the network."""
+
+    def __init__(self, network):
+        self.graph = _Graph()
+        self.names = {id(cell): name.replace(".", "_") for name, cell in network.cells_and_names()}
+
+    def input(self, name):
+        return _Activation(name, None, None)
+
+    def quantize(self, layer, x):
+        return _quantize_activation(self.graph, x.name, layer.output_quant, self.names[id(layer)])
+
+    def conv(self, layer, x):
+        return _conv(self.graph, x, layer, self.names[id(layer)], layer.activation, layer.stride, layer.padding,
+                     layer.groups)
+
+    def dense(self, layer, x):
+        """The dense layer as a 1x1 convolution on the pooled (N, C, 1, 1) tensor, flattened to (N, classes)."""
+        hint = self.names[id(layer)]
+        y = _conv(self.graph, x, layer, hint)
+        return _Activation(self.graph.op("Flatten", [y.name], f"{hint}_flatten", axis=1), y.scale, y.zero_point,
+                           channels=layer.weight.shape[0])
+
+    def add(self, layer, a, b):
+        hint = self.names[id(layer)]
+        return _quantize_activation(self.graph, self.graph.op("Add", [a.name, b.name], hint), layer.output_quant,
+                                    hint)
+
+    def global_average_pool(self, layer, x):
+        hint = self.names[id(layer)]
+        return _quantize_activation(self.graph, self.graph.op("GlobalAveragePool", [x.name], hint),
+                                    layer.output_quant, hint)
 
 
-def export_onnx(network, path, image_height, image_width):
-    """Write the quantized `network` (a MobileNetV2 built with a QuantConfig) as an INT8 QDQ ONNX model with a
-    dynamic batch dimension: input "input" (N, 3, H, W) float32, normalised as for training; output "logits"."""
+def export_onnx(network, path, input_shape):
+    """Write the quantized `network` as an INT8 QDQ ONNX model with a dynamic batch dimension: input "input"
+    (N, *input_shape) float32, normalised as for training; output "logits" (N, classes) float32, the output of
+    the network's last layer (a quantized dense one)."""
     if not getattr(network, "quantized", False):
         raise ValueError("ONNX INT8 export needs a quantized network; this one is float")
     network.set_train(False)
-    graph = _Graph()
-    x = _quantize_activation(graph, "input", network.input_quant, "input")
-    for index, block in enumerate(network.features):
-        if isinstance(block, QuantConvBNAct):
-            x = _conv_bn_act(graph, x, block, f"features{index}")
-            continue
-        y = x
-        for sub, layer in enumerate(block.conv):
-            y = _conv_bn_act(graph, y, layer, f"features{index}_{sub}")
-        if block.use_residual:
-            y = _quantize_activation(graph, graph.op("Add", [x.name, y.name], f"features{index}_add"),
-                                     block.add.output_quant, f"features{index}_add")
-        x = y
-    pooled = graph.op("GlobalAveragePool", [x.name], "pool")
-    x = _quantize_activation(graph, pooled, network.pool_quant, "pool")
-    logits = _conv(graph, x, network.classifier, "classifier")
-    graph.nodes.append(helper.make_node("Flatten", [logits.name], ["logits"], name="logits", axis=1))
-
-    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, image_height, image_width])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", network.num_classes])]
-    model = helper.make_model(helper.make_graph(graph.nodes, "mobilenetV2_int8", inputs, outputs,
+    writer = OnnxWriter(network)
+    output = trace(network, writer, writer.input("input"))
+    graph = writer.graph
+    if output.channels is None:
+        raise ValueError("ONNX INT8 export writes networks whose output is a quantized dense layer's")
+    graph.rename(output.name, "logits")
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *input_shape])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", output.channels])]
+    model = helper.make_model(helper.make_graph(graph.nodes, f"{type(network).__name__}_int8", inputs, outputs,
                                                 graph.initializers),
                               opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mobilenetv2-quant")
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)
-    return logits.scale  # the output quantization step

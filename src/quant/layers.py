@@ -24,7 +24,7 @@ class _IntegerLayer:
     """What a quantized convolution or dense layer deploys as: int8 weight codes, int32 bias, requantization."""
     integer_inference = True
     # The quantizer of this layer's input, in a tuple: a reference, not a sub-cell (its Parameters keep their names);
-    # set by link_input_quantizers.
+    # set from the network's dataflow (src/quant/dataflow.py).
     input_quantizer = ()
 
     def _init_weight_quant(self, config, fan_in):
@@ -45,7 +45,7 @@ class _IntegerLayer:
         self.requantize_kernel = None
 
     def input_scale(self):
-        """The scale of this layer's input: its input quantizer's (`link_input_quantizers`)."""
+        """The scale of this layer's input: its input quantizer's."""
         return self.input_quantizer[0].qparams()[0]
 
     def deployed_bias(self, bias, weight_scale):
@@ -143,6 +143,11 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
         b = frozen * folded_bias + (1.0 - frozen) * b
         return self.output_quant.affine_act(y, a, b, self.activation, stats[2:])
 
+    def lower(self, target, x):
+        """This layer as `target` deploys it (src/quant/dataflow.py): a convolution of x's codes with
+        `deployed_weights`, ReLU6 (`activation`) as a clamp of the output codes, requantized by `output_quant`."""
+        return target.conv(self, x)
+
 
 class QuantDense(Dense, _IntegerLayer):
     """Dense with per-output-channel fake-quantized weights and an output quantized at `output_bits` (config's
@@ -164,6 +169,11 @@ class QuantDense(Dense, _IntegerLayer):
         weight, weight_scale = self.weight_quant.fake_quantize(self.weight)
         bias = self.deployed_bias(self.bias, weight_scale)
         return self.output_quant(self.low_precision(self.matmul, x, weight) + bias)
+
+    def lower(self, target, x):
+        """This layer as `target` deploys it: a matrix product of x's codes with `deployed_weights`, requantized
+        by `output_quant` and dequantized."""
+        return target.dense(self, x)
 
 
 class QuantAdd(Add):
@@ -190,6 +200,50 @@ class QuantAdd(Add):
             return self.output_quant.clamp_codes((codes, scale, zero_point))
         return self.output_quant(x + y)
 
+    def lower(self, target, x, y):
+        return target.add(self, x, y)
+
+
+class _NetworkQuantizedOutput(nn.Cell):
+    """A layer whose output quantizer is one of the network's own, held in a tuple, not as a sub-cell: its
+    Parameters keep the network's names for it (MobileNetV2's input_quant and pool_quant)."""
+    integer_inference = True
+
+    def __init__(self, output_quant):
+        super().__init__()
+        self.quantizer_ref = (output_quant,)
+
+    @property
+    def output_quant(self):
+        return self.quantizer_ref[0]
+
+
+class QuantInput(_NetworkQuantizedOutput):
+    """The network's float input, fake-quantized by `output_quant`; in integer inference its codes, as the
+    deployed model's QuantizeLinear."""
+
+    def construct(self, x):
+        quantizer = self.quantizer_ref[0]
+        if not self.training and self.integer_inference:
+            return quantizer.clamp_codes(integer.quantize(x, *quantizer.qparams()))
+        return quantizer(x)
+
+    def lower(self, target, x):
+        return target.quantize(self, x)
+
+
+class QuantGlobalAveragePool(_NetworkQuantizedOutput):
+    """Global average pooling whose output is quantized by `output_quant`, as the integer pooling requantizes it."""
+
+    def construct(self, x):
+        quantizer = self.quantizer_ref[0]
+        if not self.training and self.integer_inference:
+            return quantizer.clamp_codes(integer.global_average_pool(x, *quantizer.qparams()))
+        return quantizer(ops.mean(x, (2, 3)))
+
+    def lower(self, target, x):
+        return target.global_average_pool(self, x)
+
 
 class QuantLayers:
     """Builds the quantization-aware version of each kind of layer the network description asks for."""
@@ -211,6 +265,14 @@ class QuantLayers:
     def edge_activation_quant(self):
         """The quantizer of an activation at the network's edge (its input, the classifier's input)."""
         return activation_quantizer(self.config, self.config.edge_act_bits)
+
+    @staticmethod
+    def quantize_input(output_quant):
+        return QuantInput(output_quant)
+
+    @staticmethod
+    def global_average_pool(output_quant):
+        return QuantGlobalAveragePool(output_quant)
 
 
 def weight_layers(network):
@@ -234,22 +296,6 @@ class OscillationDampening(nn.Cell):
         for layer in self.layers:
             total = total + layer.weight_quant.grid_distance(layer.latent_weight())
         return self.strength * total
-
-
-def link_input_quantizers(network):
-    """Give each quantized convolution and dense layer of `network` the quantizer of its input, for its bias
-    (`deployed_bias`): the activation quantizer defined last before it, which in a network defined in the order
-    its data flows (MobileNetV2: input, each block's layers then its add, pooling, classifier) is the one whose
-    output the layer takes."""
-    weight_quantizers = {id(layer.weight_quant) for layer in weight_layers(network).values()}
-    last = None
-    for _, cell in network.cells_and_names():
-        if isinstance(cell, _IntegerLayer):
-            if last is None:
-                raise ValueError("a quantized layer comes before any activation quantizer: its input is not quantized")
-            cell.input_quantizer = (last,)
-        elif isinstance(cell, Quantizer) and id(cell) not in weight_quantizers:
-            last = cell
 
 
 def set_layer_weight_bits(network, layer_weight_bits):
