@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from easydict import EasyDict
 
-from conftest import evaluate_learned, learned_argv
+from conftest import LEARNED, evaluate_learned, learned_argv
 from src import checkpoint
 from src.config import config_cpu
 from src.dataset import Epoch, create_dataset
@@ -34,8 +34,10 @@ def logits_on(path, val_path):
 
 
 def tiny_network(weight_bits=4, plan=None):
+    """The quantized network of learned_float (LEARNED)."""
     return mobilenet_v2(4, 0.25, QuantConfig(weight_bits=weight_bits,
-                                             layer_weight_bits=tuple(sorted((plan or {}).items()))))
+                                             layer_weight_bits=tuple(sorted((plan or {}).items()))),
+                        LEARNED["depth_mult"])
 
 
 @pytest.mark.quick

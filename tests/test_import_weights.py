@@ -192,6 +192,8 @@ def test_pipeline_normalises_input_as_the_public_networks_expect(tmp_path):
 # the same way, the same 2-5 epochs reach 30-53%: the margin below (5 points) allows for the spread of such short
 # runs and fails when the imported weights carry nothing.
 FINE_TUNE_EPOCHS = 3
+# The imported networks are torchvision's, of MobileNetV2's full depth; the rest of LEARNED as learned_float.
+IMPORTED_ARGV = learned_argv(depth_mult=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +212,7 @@ def fine_tuned(imported_pretrained, learning_data, tmp_path_factory):
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         last = train_script.main(["--mode", "float", "--pre_trained", imported_pretrained, "--reinit_classifier",
-                                  "True", "--dataset_path", learning_data[0], *learned_argv(), "--start_epoch", "0",
+                                  "True", "--dataset_path", learning_data[0], *IMPORTED_ARGV, "--start_epoch", "0",
                                   "--epoch_size", str(FINE_TUNE_EPOCHS), "--lr", "0.01", "--keep_checkpoint_max", "1",
                                   "--save_checkpoint_path", str(tmp_path_factory.mktemp("fine_tuned"))])
     return last, log.getvalue()
@@ -232,9 +234,9 @@ def test_import_ptq_qat_onnx_chain(fine_tuned, learning_data, tmp_path):
     fine_tuned, _ = fine_tuned
     train_path, val_path = learning_data
     ptq = train_script.main(["--mode", "ptq", "--pre_trained", fine_tuned, "--dataset_path", train_path,
-                             *learned_argv(), "--calibration_batches", "10", "--save_checkpoint_path",
+                             *IMPORTED_ARGV, "--calibration_batches", "10", "--save_checkpoint_path",
                              str(tmp_path / "ptq")])
-    qat = train_script.main(["--pre_trained", fine_tuned, "--dataset_path", train_path, *learned_argv(),
+    qat = train_script.main(["--pre_trained", fine_tuned, "--dataset_path", train_path, *IMPORTED_ARGV,
                              "--start_epoch", "0", "--epoch_size", "2", "--lr", "0.002", "--freeze_bn_epochs", "1",
                              "--freeze_observer_epochs", "1", "--save_checkpoint_path", str(tmp_path / "qat")])
     onnx_model = export_script.main(["--ckpt_file", qat, "--file_format", "ONNX", *learned_argv(),

@@ -57,7 +57,7 @@ class _OneStep:
 
     def __init__(self, path, float_checkpoint, batch, quant_config=None):
         self.batch = batch
-        self.network = mobilenet_v2(CONFIG.num_classes, CONFIG.width_mult, quant_config)
+        self.network = mobilenet_v2(CONFIG.num_classes, CONFIG.width_mult, quant_config, CONFIG.depth_mult)
         allow = quant_state_names(self.network) if quant_config else ()
         checkpoint.load_into(self.network, float_checkpoint, allow_missing=allow)
         if path == "mindspore_ops":
