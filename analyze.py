@@ -17,7 +17,6 @@ import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpo
 import mindspore as ms
 import numpy as np
 
-from eval import load_network
 from src import checkpoint
 from src.config import parse_args, print_config
 from src.dataset import DatasetError, Epoch, create_dataset, full_batches
@@ -65,7 +64,8 @@ def main(argv=None):
         sys.exit(f"error: --batches must be at least 1, got {args.batches}")
     try:
         kind = checkpoint.read(args.checkpoint_path, only=())[1].get("network_kind", checkpoint.FLOAT)
-        network = load_network(args.checkpoint_path, config, given=args.config_given, quantized=True)
+        network, config = checkpoint.load_network(args.checkpoint_path, config, given=args.config_given,
+                                                  quantized=True)
         if args.weight_bits_budget is not None:
             if network.quant_config.layer_weight_bits:
                 raise bits_plan.BitsPlanError(

@@ -20,8 +20,7 @@ from src import checkpoint
 from src.config import parse_args, parse_bool, print_config
 from src.dataset import DatasetError, check_input_record, create_dataset
 from src.evaluation import evaluate, mindir_predictor, network_predictor, onnx_predictor, parity
-from src.mobilenetV2 import network_from_config
-from src.quant.layers import quant_state_names, set_integer_inference
+from src.quant.layers import set_integer_inference
 
 EXPORTED = {".onnx": onnx_predictor, ".mindir": mindir_predictor}
 
@@ -37,24 +36,6 @@ def add_args(parser):
     parser.add_argument("--simulated", type=parse_bool, nargs="?", const=True, default=False,
                         help="a quantized checkpoint: evaluate with fake quantization in float, not with the "
                              "deployed model's integer arithmetic")
-
-
-def load_network(path, config, expected_kind=None, given=frozenset(), quantized=None):
-    """The network a checkpoint holds, with its weights; config gets the checkpoint's classes, width, (for a
-    quantized one) bit widths, and the input size it was trained at unless `given` (config keys the user set)
-    names it. quantized=True builds the quantized network from a float checkpoint too (its ranges then untracked:
-    calibrate them)."""
-    _, meta = checkpoint.read(path)
-    check_input_record(config, meta, path, given)
-    kind = meta["network_kind"]
-    if expected_kind and kind != expected_kind:
-        raise checkpoint.CheckpointError(f"--network {expected_kind} given, but {path} holds a {kind} network")
-    for key in checkpoint.NETWORK_KEYS:
-        if key in meta:
-            config[key] = type(config[key])(meta[key])
-    network = network_from_config(config, quantized=quantized or kind == checkpoint.QUANT)
-    checkpoint.load_into(network, path, allow_missing=quant_state_names(network) if kind == checkpoint.FLOAT else ())
-    return network
 
 
 def exported_predictor(path):
@@ -80,7 +61,7 @@ def main(argv=None):
             check_input_record(config, getattr(predict, "input_record", {}), args.checkpoint_path, args.config_given)
             network = None
         else:
-            network = load_network(args.checkpoint_path, config, args.network, args.config_given)
+            network, config = checkpoint.load_network(args.checkpoint_path, config, args.network, args.config_given)
             if args.simulated:
                 if not network.quantized:
                     raise checkpoint.CheckpointError(f"--simulated evaluates a quantized checkpoint; {name} holds a "

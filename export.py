@@ -7,7 +7,6 @@ import sys
 import src  # noqa: F401  first: OpenMP's wait policy must be set before MindSpore loads OpenMP
 import mindspore as ms
 
-from eval import load_network
 from src import checkpoint
 from src.config import parse_args
 from src.dataset import DatasetError
@@ -30,7 +29,7 @@ def main(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_device(args.device_target)
     try:
-        network = load_network(args.ckpt_file, config, args.network, args.config_given)
+        network, config = checkpoint.load_network(args.ckpt_file, config, args.network, args.config_given)
         path = export(network, args.file_name, args.file_format, args.export_batch_size, config.image_height,
                       config.image_width, args.device_target)
     except (checkpoint.CheckpointError, DatasetError, ExportError) as err:

@@ -9,6 +9,11 @@ import os
 
 import mindspore as ms
 import numpy as np
+from easydict import EasyDict
+
+from src.dataset import check_input_record
+from src.mobilenetV2 import network_from_config
+from src.quant.layers import quant_state_names
 
 
 # What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood.
@@ -134,3 +139,22 @@ def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train
     return meta
 
 
+
+
+def load_network(path, config, expected_kind=None, given=frozenset(), quantized=None):
+    """(network, config) of the network a checkpoint holds, with its weights: config (left as it is) with the
+    checkpoint's classes, width, depth, (for a quantized one) bit widths, and the input size it was trained at
+    unless `given` (config keys the user set) names it. quantized=True builds the quantized network from a float
+    checkpoint too (its ranges then untracked: calibrate them)."""
+    _, meta = read(path)
+    config = EasyDict(config)
+    check_input_record(config, meta, path, given)
+    kind = meta["network_kind"]
+    if expected_kind and kind != expected_kind:
+        raise CheckpointError(f"--network {expected_kind} given, but {path} holds a {kind} network")
+    for key in NETWORK_KEYS:
+        if key in meta:
+            config[key] = type(config[key])(meta[key])
+    network = network_from_config(config, quantized=quantized or kind == QUANT)
+    load_into(network, path, allow_missing=quant_state_names(network) if kind == FLOAT else ())
+    return network, config

@@ -142,7 +142,12 @@ def qat_run(demo_data, float_run, tmp_path_factory):
 # learning and gradient tests fail; seed 3 reached 100%. At lr 0.01 the three seeds reached 99.6%, 97.1% and 99.2%,
 # but seed 1's rounding-on median cosine in test_qat_gradients fell to 0.837 (< 0.9): that test depends on the
 # fixture network beyond its accuracy, and both need rework before the fixture changes.
-LEARNED = dict(num_classes=4, width_mult=0.25, depth_mult=DEPTH, image_height=32, image_width=32, batch_size=16,
+# MobileNetV2's full depth: the trained outcomes below were measured with it, over seeds. At depth 0.3 (seeds 2 and
+# 3, AVX2 AMD EPYC, 2026-12-08) the float network trained to 99.2% and 100%, and the gradient test's rounding-on
+# median cosine was 0.974 and 0.974; but there 3-bit weights lost 4.6 and 0.4 points in PTQ (test_learning asks
+# for 2), and 2-bit weights at seed 3 lost 56 points, of which QAT won back 28 (min/max) and 32 (LSQ) against
+# the 28.1 asked: that test's case needs choosing anew before this fixture can take depth 0.3.
+LEARNED = dict(num_classes=4, width_mult=0.25, depth_mult=1.0, image_height=32, image_width=32, batch_size=16,
                num_parallel_workers=1, crop_min_scale=0.5, log_interval=100, ema_decay=0.9)
 
 

@@ -25,10 +25,9 @@ PLAN = {"features.0": 7, "features.2.conv.1": 8, "classifier": 6}
 
 def logits_on(path, val_path):
     """Every validation image's logits from a checkpoint (integer inference for a quantized one)."""
-    import eval as eval_script
     from src.config import parse_args
     _, config = parse_args("", lambda parser: None, learned_argv())
-    network = eval_script.load_network(path, config)
+    network, config = checkpoint.load_network(path, config)
     predict = network_predictor(network, config.batch_size)
     return np.concatenate([predict(images) for images, _ in Epoch(create_dataset(val_path, False, config))])
 
@@ -98,8 +97,7 @@ def test_checkpoints_record_the_plan_and_a_resume_without_it_stops(tmp_path):
     checkpoint.save(planned, path, planned, 0, 0)
     assert checkpoint.read(path)[1]["layer_weight_bits"] == PLAN
     config = EasyDict(dict(config_cpu, num_classes=4, width_mult=0.25, weight_bits=4, image_height=224))
-    import eval as eval_script
-    loaded = eval_script.load_network(path, EasyDict(config))
+    loaded = checkpoint.load_network(path, config)[0]
     assert {n: l.weight_quant.qmax for n, l in weight_layers(loaded).items()} == \
         {n: l.weight_quant.qmax for n, l in weight_layers(planned).items()}
     with pytest.raises(TrainingError, match="trained with the layer bit widths .*'features.0': 7.*, this run asks "
@@ -199,7 +197,6 @@ def activation_widths(network):
 @pytest.mark.quick
 def test_edge_activations_take_their_own_bits_and_checkpoints_record_them(tmp_path):
     from src.trainer import TrainingError, _check_resume
-    import eval as eval_script
     edges = {"input_quant", "pool_quant", "classifier.output_quant"}
     network = mobilenet_v2(4, 0.25, QuantConfig(weight_bits=4, act_bits=4))  # edge_act_bits 8 by default
     widths = activation_widths(network)
@@ -213,13 +210,18 @@ def test_edge_activations_take_their_own_bits_and_checkpoints_record_them(tmp_pa
     path = str(tmp_path / "w4a4.ckpt")
     checkpoint.save(uniform, path, uniform, 0, 0)
     assert checkpoint.read(path)[1]["edge_act_bits"] == 4
-    assert activation_widths(eval_script.load_network(path, EasyDict(config))) == activation_widths(uniform)
+    given = dict(config)
+    loaded, loaded_config = checkpoint.load_network(path, config)
+    assert activation_widths(loaded) == activation_widths(uniform)
+    assert loaded_config.edge_act_bits == 4 and dict(config) == given  # the config given is left as it was
     with pytest.raises(TrainingError, match="trained with edge_act_bits 4, this run asks for 8: give "
                                             "--edge_act_bits 4"):
         _check_resume(path, config, checkpoint.QUANT, 1, print)
-    # A checkpoint written before edge_act_bits was recorded quantized every activation at act_bits.
+    # A checkpoint written before edge_act_bits was recorded quantized every activation at act_bits; one written
+    # before depth_mult was, at MobileNetV2's full depth.
     older = str(tmp_path / "older.ckpt")
-    meta = {key: value for key, value in checkpoint.read(path)[1].items() if key != "edge_act_bits"}
+    meta = {key: value for key, value in checkpoint.read(path)[1].items() if key not in ("edge_act_bits",
+                                                                                          "depth_mult")}
     ms.save_checkpoint(uniform, older, append_dict=dict(meta, layer_weight_bits="{}"))
-    assert checkpoint.read(older)[1]["edge_act_bits"] == 4
-    assert activation_widths(eval_script.load_network(older, EasyDict(config))) == activation_widths(uniform)
+    assert checkpoint.read(older)[1]["edge_act_bits"] == 4 and checkpoint.read(older)[1]["depth_mult"] == 1.0
+    assert activation_widths(checkpoint.load_network(older, config)[0]) == activation_widths(uniform)

@@ -16,7 +16,6 @@ import pytest
 from easydict import EasyDict as ed
 from mindspore import Tensor
 
-import eval as eval_script
 import export as export_script
 import import_weights as import_script
 import train as train_script
@@ -71,7 +70,7 @@ def test_imported_network_computes_the_pytorch_logits(reference, parity_inputs, 
         np.testing.assert_array_equal(pth_params[name].asnumpy(), st_params[name].asnumpy(), err_msg=name)
 
     # the network eval.py builds from the checkpoint, in GRAPH mode on the CPU kernels
-    network = eval_script.load_network(written[1], ed(config_cpu))
+    network, _ = checkpoint.load_network(written[1], config_cpu)
     forward = Forward(network)
     forward.set_train(False)
     ours = forward(Tensor(np.load(parity_inputs))).asnumpy()

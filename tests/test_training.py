@@ -247,7 +247,6 @@ def test_plot_draws_the_curves_of_a_training_log(qat_run, tmp_path, monkeypatch)
 
 def test_sensitivity_report_measures_each_tensor_alone(demo_data, qat_run, tmp_path, capsys):
     import analyze
-    from eval import load_network
     from src.dataset import Epoch, create_dataset
     from src.evaluation import network_predictor
     from src.quant.layers import set_integer_inference
@@ -265,7 +264,7 @@ def test_sensitivity_report_measures_each_tensor_alone(demo_data, qat_run, tmp_p
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1000, 1000)
     # the figures of two tensors, a weight and an activation, computed directly
     config = tiny_config()
-    network = load_network(last, config)
+    network, config = checkpoint.load_network(last, config)
     set_integer_inference(network, False)  # as analyze measures: fake quantization, tensor by tensor
     found = quantizers(network)
     # weights, conv and classifier outputs, residual sums, the input and the pooling
