@@ -342,7 +342,7 @@ def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
     clipped = {node.input[0] for node in graph.node if node.op_type == "Clip"}
     unclipped = [node.output[0].rsplit("_", 1)[0] for node in graph.node
                  if node.op_type == "QuantizeLinear" and node.output[0] not in clipped]
-    assert sorted(unclipped) == ["classifier_q", "input_q", "pool_q"]
+    assert sorted(unclipped) == ["classifier_q", "pool_q", "quantize_input_q"]
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])

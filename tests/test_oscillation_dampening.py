@@ -100,4 +100,5 @@ def test_dampened_qat_ends_nearer_the_grid(demo_data, float_run, tmp_path):
     config_argv = [*tiny_argv(), "--weight_bits", "3"]
     plain_distance, dampened_distance = (grid_distance(path, config_argv) for path in (plain, dampened))
     print(f"sum of squared distances to the grid: {plain_distance:.5f} plain, {dampened_distance:.5f} dampened")
+    # TINY (depth 0.3), 2-core AMD EPYC, AVX2, 2026-12-08: 0.39 and 0.40 of the plain run's at TEST_SEED 2 and 3.
     assert dampened_distance < 0.8 * plain_distance
