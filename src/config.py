@@ -153,6 +153,9 @@ def validate(config):
                 "bn_reestimation_batches", "freeze_bn_epochs", "freeze_observer_epochs", "oscillation_dampening"):
         if config[key] < 0:
             return f"--{key} must not be negative, got {config[key]}"
+    for key in ("width_mult", "depth_mult"):
+        if not config[key] > 0:
+            return f"--{key} must be positive, got {config[key]}"
     if not 0.0 < config.crop_min_scale <= 1.0:
         return f"--crop_min_scale must be in (0, 1], got {config.crop_min_scale}"
     if not 0.0 <= config.ema_decay < 1.0:

@@ -92,6 +92,7 @@ def test_config_overrides_are_typed_and_checked(capsys):
     assert "--loss_scale_type must be 'fixed' or 'dynamic'" in _parse(["--loss_scale_type", "auto"], capsys)
     assert "--weight_bits must be between 2 and 8, got 9" in _parse(["--weight_bits", "9"], capsys)
     assert "--quantizer must be one of minmax, lsq, got 'LSQ'" in _parse(["--quantizer", "LSQ"], capsys)
+    assert "--depth_mult must be positive, got 0.0" in _parse(["--depth_mult", "0"], capsys)
     assert "--oscillation_dampening must not be negative, got -0.001" in _parse(["--oscillation_dampening", "-0.001"],
                                                                                 capsys)
     assert "ambiguous" not in _parse(["--save_checkpoint_pat", "x"], capsys)  # no silent abbreviations
