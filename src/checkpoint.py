@@ -139,8 +139,6 @@ def load_into(network, path, *, allow_missing=(), reinit_classifier=False, train
     return meta
 
 
-
-
 def load_network(path, config, expected_kind=None, given=frozenset(), quantized=None):
     """(network, config) of the network a checkpoint holds, with its weights: config (left as it is) with the
     checkpoint's classes, width, depth, (for a quantized one) bit widths, and the input size it was trained at

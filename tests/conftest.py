@@ -77,7 +77,7 @@ def demo_data(tmp_path_factory):
 SEED = int(os.environ.get("TEST_SEED", "1"))
 
 # The networks of the tests that check a mechanism (exactness, resume, data parallel, export) are MobileNetV2 0.25
-# with a block a stage and two in the fourth (depth_mult 0.3: 8 inverted residual blocks, one with a residual add,
+# with a block a stage and two in the fourth (depth_mult 0.3: 8 inverted residual blocks, two with a residual add,
 # instead of 17): a graph's compile time grows with its layers, and compiles are most of the suite's time.
 DEPTH = 0.3
 TINY = dict(num_classes=4, width_mult=0.25, depth_mult=DEPTH, image_height=16, image_width=16, batch_size=8,

@@ -90,10 +90,7 @@ def test_a_network_defined_out_of_order_trains_and_deploys_exactly(tmp_path):
         layer = getattr(network, conv.name.split("_")[0])
         bias_dq = producers[conv.input[2]]
         deployed = tensors[bias_dq.input[0]] * tensors[bias_dq.input[1]]
-        if hasattr(layer, "fold"):
-            weight, bias = layer.fold()
-        else:
-            weight, bias = layer.weight, layer.bias
+        weight, bias = layer.float_weights()
         weight_scale = layer.weight_quant.observe(weight)[0]
         trained = layer.deployed_bias(bias, weight_scale).asnumpy()
         np.testing.assert_allclose(trained, deployed, rtol=1e-6, atol=0, err_msg=conv.name)
