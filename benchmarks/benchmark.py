@@ -174,7 +174,7 @@ def part_onnx(args):
     from src.export import freeze_ranges
     from src.kernels import use_mindspore_ops
     from src.mobilenetV2 import network_from_config
-    from src.onnx_export import export_onnx
+    from src.targets.onnx_runtime import export_onnx
     from src.quant.schedule import QuantSchedule
     config = _config(args)
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import numpy as np
 from mindspore import Tensor
 
 from src.kernels import use_mindspore_ops
-from src.onnx_export import export_onnx
+from src.targets import BY_FILE_FORMAT
 from src.quant.layers import weight_layers
 from src.quant.observers import Observer
 from src.quant.schedule import set_switches
@@ -54,9 +54,10 @@ def export(network, file_name, file_format, batch_size, image_height, image_widt
     network.set_train(False)
     if quantized:
         freeze_ranges(network, image_height, image_width)
-    if file_format == "ONNX" and quantized:
-        path = file_name + ".onnx"
-        export_onnx(network, path, (3, image_height, image_width))
+    if file_format in BY_FILE_FORMAT and quantized:
+        target = BY_FILE_FORMAT[file_format]
+        path = file_name + target.suffix
+        target.export(network, path, (3, image_height, image_width))
         return path
     if file_format in ("AIR", "ONNX"):  # Ascend 310 graphs, and MindSpore's ONNX export, take a fixed batch size
         example = Tensor(np.zeros((batch_size, 3, image_height, image_width), np.float32))

@@ -1,10 +1,11 @@
 """Quantization-aware versions of the float blocks in src/layers.py, with the same Parameter names plus their
 quantizers' state, and `QuantLayers`, which the network description uses to build them.
 
-In training each layer fake-quantizes (float arithmetic, straight-through gradients). In inference it computes
-what the exported INT8 model computes (src/quant/integer.py), on activations that travel as (codes, scale,
-zero_point); `set_integer_inference(network, False)` brings back fake quantization in inference, which lets the
-rounding of single tensors be switched (quantization sensitivity).
+In training each layer fake-quantizes (float arithmetic, straight-through gradients). In inference it lowers
+itself (`lower`) to its deployment target's arithmetic (src/targets): it computes what the exported INT8 model
+computes, on activations that travel as (codes, scale, zero_point). `set_integer_inference(network, False)` brings
+back fake quantization in inference, which lets the rounding of single tensors be switched (quantization
+sensitivity).
 """
 from dataclasses import replace
 
@@ -18,11 +19,18 @@ from src.quant.bits_plan import BitsPlanError
 from src.quant.fake_quant import fake_quant_bias
 from src.quant.observers import switch_parameter
 from src.quant.quantizer import Quantizer, activation_quantizer, weight_quantizer
+from src.targets import DEFAULT_TARGET
 
 
-class _IntegerLayer:
-    """What a quantized convolution or dense layer deploys as: int8 weight codes, int32 bias, requantization."""
+class _Deployed:
+    """A layer of the deployed model. In inference, while `integer_inference` is on, it computes its `lower` with
+    its deployment target's arithmetic."""
     integer_inference = True
+    deployment_target = DEFAULT_TARGET
+
+
+class _IntegerLayer(_Deployed):
+    """What a quantized convolution or dense layer deploys as: int8 weight codes, int32 bias, requantization."""
     # The quantizer of this layer's input, in a tuple: a reference, not a sub-cell (its Parameters keep their names);
     # set from the network's dataflow (src/quant/dataflow.py).
     input_quantizer = ()
@@ -68,21 +76,6 @@ class _IntegerLayer:
         scale = scale.reshape(-1)
         return codes, scale, integer.bias_codes(bias, input_scale * scale)
 
-    def integer_forward(self, product, x, relu6=False):
-        """The layer as the exported model computes it, on x = (codes, scale, zero_point): `product` (the layer's
-        convolution or matrix product) of the centred codes and the weight codes, requantized into the output
-        quantizer's range, then clamped to its code bounds (`relu6`: a ReLU6 before it)."""
-        codes, input_scale, input_zero_point = x
-        weight_codes, weight_scale, bias = self.deployed_weights(input_scale)
-        product = integer.accumulate(product, codes - input_zero_point, weight_codes, self.weight_digits)
-        scale, zero_point = self.output_quant.qparams()
-        multiplier = input_scale * weight_scale / scale
-        if self.requantize_kernel is not None:  # the clamp to the code bounds in the same pass
-            settings = self.output_quant.requantize_settings(scale, zero_point, relu6)
-            return self.requantize_kernel(product, bias, multiplier, settings), scale, zero_point
-        codes = integer.requantize(product, bias, multiplier, zero_point)
-        return self.output_quant.clamp_codes((codes, scale, zero_point), relu6)
-
 
 class QuantConvBNAct(ConvBNAct, _IntegerLayer):
     """Conv + BN (+ ReLU6) with BN folded into the convolution, as integer inference computes it.
@@ -124,7 +117,7 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
 
     def construct(self, x):
         if not self.training and self.integer_inference:
-            return self.integer_forward(self.conv, x, self.activation)
+            return self.lower(self.deployment_target.arithmetic, x)
         fold_scale, folded_bias = self.running_affine()
         weight, weight_scale = self.weight_quant.fake_quantize(self.weight * fold_scale.reshape(-1, 1, 1, 1))
         y = self.low_precision(self.conv, x, weight)
@@ -165,7 +158,7 @@ class QuantDense(Dense, _IntegerLayer):
 
     def construct(self, x):
         if not self.training and self.integer_inference:
-            return integer.dequantize(self.integer_forward(self.matmul, x))
+            return self.lower(self.deployment_target.arithmetic, x)
         weight, weight_scale = self.weight_quant.fake_quantize(self.weight)
         bias = self.deployed_bias(self.bias, weight_scale)
         return self.output_quant(self.low_precision(self.matmul, x, weight) + bias)
@@ -176,9 +169,8 @@ class QuantDense(Dense, _IntegerLayer):
         return target.dense(self, x)
 
 
-class QuantAdd(Add):
+class QuantAdd(Add, _Deployed):
     """Residual add whose sum is quantized, as an integer add requantizes its output."""
-    integer_inference = True
 
     def __init__(self, *, config):
         super().__init__()
@@ -191,23 +183,16 @@ class QuantAdd(Add):
 
     def construct(self, x, y):
         if not self.training and self.integer_inference:
-            scale, zero_point = self.output_quant.qparams()
-            constants = integer.add_constants(x, y, scale, zero_point)
-            if self.add_kernel is not None:
-                codes = self.add_kernel(x[0], y[0], constants)
-            else:
-                codes = integer.add(x[0], y[0], constants)
-            return self.output_quant.clamp_codes((codes, scale, zero_point))
+            return self.lower(self.deployment_target.arithmetic, x, y)
         return self.output_quant(x + y)
 
     def lower(self, target, x, y):
         return target.add(self, x, y)
 
 
-class _NetworkQuantizedOutput(nn.Cell):
+class _NetworkQuantizedOutput(nn.Cell, _Deployed):
     """A layer whose output quantizer is one of the network's own, held in a tuple, not as a sub-cell: its
     Parameters keep the network's names for it (MobileNetV2's input_quant and pool_quant)."""
-    integer_inference = True
 
     def __init__(self, output_quant):
         super().__init__()
@@ -223,10 +208,9 @@ class QuantInput(_NetworkQuantizedOutput):
     deployed model's QuantizeLinear."""
 
     def construct(self, x):
-        quantizer = self.quantizer_ref[0]
         if not self.training and self.integer_inference:
-            return quantizer.clamp_codes(integer.quantize(x, *quantizer.qparams()))
-        return quantizer(x)
+            return self.lower(self.deployment_target.arithmetic, x)
+        return self.quantizer_ref[0](x)
 
     def lower(self, target, x):
         return target.quantize(self, x)
@@ -236,10 +220,9 @@ class QuantGlobalAveragePool(_NetworkQuantizedOutput):
     """Global average pooling whose output is quantized by `output_quant`, as the integer pooling requantizes it."""
 
     def construct(self, x):
-        quantizer = self.quantizer_ref[0]
         if not self.training and self.integer_inference:
-            return quantizer.clamp_codes(integer.global_average_pool(x, *quantizer.qparams()))
-        return quantizer(ops.mean(x, (2, 3)))
+            return self.lower(self.deployment_target.arithmetic, x)
+        return self.quantizer_ref[0](ops.mean(x, (2, 3)))
 
     def lower(self, target, x):
         return target.global_average_pool(self, x)

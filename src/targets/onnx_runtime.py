@@ -1,4 +1,5 @@
-"""INT8 ONNX export of the quantization-aware MobileNetV2: a QDQ model that ONNX Runtime runs with integer kernels.
+"""ONNX Runtime on x86 as a deployment target: the integer arithmetic of its CPU kernels (`OnnxRuntimeArithmetic`,
+what inference of a quantized network computes) and the writer of its INT8 QDQ ONNX model (`OnnxWriter`).
 
 MindSpore's own ONNX export writes fake-quant as float arithmetic, so the graph is written here from the trained
 Parameters with the `onnx` helpers: QuantizeLinear/DequantizeLinear (opset 13, per-channel weights) around each
@@ -11,21 +12,71 @@ convolution, the residual adds and the pooling, with
     integer Clip of the codes follows the QuantizeLinear: ReLU6 is a clamp of codes, never a float Clip, so
     nothing stays in float.
 ONNX Runtime's QDQ fusion turns Q -> DQ -> Conv -> Q into QLinearConv, Add into QLinearAdd and the pooling into
-QLinearGlobalAveragePool. The classifier is written as a 1x1 convolution on the pooled (N, C, 1, 1)
-tensor: the same arithmetic as the dense layer, and it keeps the whole network in integer kernels.
+QLinearGlobalAveragePool (their arithmetic: src/quant/integer.py). The classifier is written as a 1x1 convolution
+on the pooled (N, C, 1, 1) tensor: the same arithmetic as the dense layer, and it keeps the whole network in
+integer kernels.
 
-The graph is the network's dataflow, traced from its construct (src/quant/dataflow.py): each quantized layer
-lowers itself to `OnnxWriter`, which names no attribute of the network. Inference of the quantized network
-computes this graph's arithmetic as ONNX Runtime does (src/quant/integer.py).
+Both halves are targets of the network's dataflow (src/quant/dataflow.py), one method per deployed operator, and
+name no attribute of the network: each quantized layer lowers itself to them.
 """
 import numpy as np
 import onnx
 from mindspore import Tensor
 from onnx import helper, numpy_helper, TensorProto
 
+from src.quant import integer
 from src.quant.dataflow import trace
 
 OPSET = 13
+
+
+def _requantized(layer, product, x, relu6=False):
+    """A quantized convolution or dense layer on x = (codes, scale, zero_point), as QLinearConv computes it:
+    `product` (the layer's convolution or matrix product) of the centred codes and the layer's `deployed_weights`,
+    requantized into its output quantizer's range, then clamped to its code bounds (`relu6`: a ReLU6 before it)."""
+    codes, input_scale, input_zero_point = x
+    weight_codes, weight_scale, bias = layer.deployed_weights(input_scale)
+    product = integer.accumulate(product, codes - input_zero_point, weight_codes, layer.weight_digits)
+    scale, zero_point = layer.output_quant.qparams()
+    multiplier = input_scale * weight_scale / scale
+    if layer.requantize_kernel is not None:  # the clamp to the code bounds in the same pass
+        settings = layer.output_quant.requantize_settings(scale, zero_point, relu6)
+        return layer.requantize_kernel(product, bias, multiplier, settings), scale, zero_point
+    codes = integer.requantize(product, bias, multiplier, zero_point)
+    return layer.output_quant.clamp_codes((codes, scale, zero_point), relu6)
+
+
+class OnnxRuntimeArithmetic:
+    """What ONNX Runtime's x86 kernels compute for each lowered layer, in MindSpore ops inside the compiled graph:
+    activations travel as (codes, scale, zero_point); the network's output is dequantized logits."""
+
+    @staticmethod
+    def quantize(layer, x):
+        quantizer = layer.output_quant
+        return quantizer.clamp_codes(integer.quantize(x, *quantizer.qparams()))
+
+    @staticmethod
+    def conv(layer, x):
+        return _requantized(layer, layer.conv, x, layer.activation)
+
+    @staticmethod
+    def dense(layer, x):
+        return integer.dequantize(_requantized(layer, layer.matmul, x))
+
+    @staticmethod
+    def add(layer, a, b):
+        scale, zero_point = layer.output_quant.qparams()
+        constants = integer.add_constants(a, b, scale, zero_point)
+        if layer.add_kernel is not None:
+            codes = layer.add_kernel(a[0], b[0], constants)
+        else:
+            codes = integer.add(a[0], b[0], constants)
+        return layer.output_quant.clamp_codes((codes, scale, zero_point))
+
+    @staticmethod
+    def global_average_pool(layer, x):
+        quantizer = layer.output_quant
+        return quantizer.clamp_codes(integer.global_average_pool(x, *quantizer.qparams()))
 
 
 class _Graph:
@@ -159,3 +210,12 @@ def export_onnx(network, path, input_shape):
                               opset_imports=[helper.make_opsetid("", OPSET)], producer_name="mobilenetv2-quant")
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)
+
+
+class OnnxRuntime:
+    """The deployment target: INT8 QDQ ONNX, run by ONNX Runtime's x86 CPU kernels."""
+    name = "onnxruntime"
+    file_format = "ONNX"
+    suffix = ".onnx"
+    arithmetic = OnnxRuntimeArithmetic
+    export = staticmethod(export_onnx)
