@@ -14,14 +14,12 @@ from easydict import EasyDict
 from src.dataset import check_input_record
 from src.mobilenetV2 import network_from_config
 from src.quant.layers import quant_state_names
+from src.quant.quantizer import QuantConfig
 
 
-# What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood.
-# weight_bits, act_bits, edge_act_bits, layer_weight_bits (a mixed-precision plan, JSON) and quantizer only in
-# quantized checkpoints: the stored ranges mean nothing at another bit width, and LSQ's step sizes are Parameters
-# that a minmax network does not have.
-NETWORK_KEYS = ("num_classes", "width_mult", "depth_mult", "weight_bits", "act_bits", "edge_act_bits",
-                "layer_weight_bits", "quantizer")
+# What a checkpoint says about its network (eval.py and export.py build it from these) and where training stood;
+# the quantization's (QuantConfig.RECORDED) only in quantized checkpoints.
+NETWORK_KEYS = ("num_classes", "width_mult", "depth_mult") + QuantConfig.RECORDED
 # What it says about the input it was trained on (src.dataset.input_record): size and normalisation.
 INPUT_KEYS = ("image_height", "image_width", "input_mean", "input_std")
 META_KEYS = ("network_kind",) + NETWORK_KEYS + INPUT_KEYS + ("epoch_num", "step_num", "val_acc")
@@ -49,10 +47,7 @@ def save(cell, path, network, epoch_num, step_num, record=None):
             "width_mult": float(network.width_mult), "depth_mult": float(network.depth_mult),
             "epoch_num": int(epoch_num), "step_num": int(step_num)}
     if network.quant_config is not None:
-        quant = network.quant_config
-        meta.update(weight_bits=quant.weight_bits, act_bits=quant.act_bits, edge_act_bits=quant.edge_act_bits,
-                    quantizer=quant.quantizer,
-                    layer_weight_bits=json.dumps(dict(quant.layer_weight_bits), sort_keys=True))
+        meta.update(network.quant_config.record())
     for key, value in (record or {}).items():
         meta[key] = ms.Tensor(np.array(value, np.float32)) if isinstance(value, (list, tuple)) else value
     tmp = path[:-len(".ckpt")] + ".tmp.ckpt" if path.endswith(".ckpt") else path + ".tmp.ckpt"

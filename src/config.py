@@ -9,7 +9,8 @@ import sys
 
 from easydict import EasyDict as ed
 
-from src.quant.quantizer import QUANTIZERS
+from src.quant.fake_quant import MAX_BITS, MIN_BITS
+from src.quant.quantizer import QUANTIZERS, QuantConfig
 
 _COMMON = dict(
     num_classes=1000,
@@ -141,9 +142,9 @@ def validate(config):
         return f"--quantizer must be one of {', '.join(QUANTIZERS)}, got {config.quantizer!r}"
     if config.loss_scale_type not in ("fixed", "dynamic"):
         return f"--loss_scale_type must be 'fixed' or 'dynamic', got {config.loss_scale_type!r}"
-    for key in ("weight_bits", "act_bits", "edge_act_bits"):
-        if not 2 <= config[key] <= 8:
-            return f"--{key} must be between 2 and 8, got {config[key]}"
+    for key in QuantConfig.BIT_WIDTHS:
+        if not MIN_BITS <= config[key] <= MAX_BITS:
+            return f"--{key} must be between {MIN_BITS} and {MAX_BITS}, got {config[key]}"
     for key in ("num_classes", "batch_size", "image_height", "image_width", "save_checkpoint_epochs",
                 "keep_checkpoint_max", "log_interval", "num_parallel_workers", "calibration_batches",
                 "eval_interval"):

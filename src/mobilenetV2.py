@@ -96,9 +96,5 @@ def network_from_config(config, quantized, sync_group=None):
     """The float or quantization-aware MobileNetV2 that `config` (src/config.py) describes."""
     quant_config = None
     if quantized:
-        quant_config = QuantConfig(weight_bits=config.weight_bits, act_bits=config.act_bits,
-                                   edge_act_bits=config.edge_act_bits,
-                                   ema_decay=config.ema_decay, quantizer=config.quantizer,
-                                   layer_weight_bits=tuple(sorted(config.layer_weight_bits.items())),
-                                   sync_group=sync_group)
+        quant_config = QuantConfig.from_config(config, sync_group)
     return mobilenet_v2(config.num_classes, config.width_mult, quant_config, config.depth_mult)

@@ -15,6 +15,7 @@ from src.layers import set_compute_dtype
 from src.lr_generator import get_lr
 from src.mobilenetV2 import network_from_config
 from src.quant.layers import OscillationDampening, quant_state_names
+from src.quant.quantizer import QuantConfig
 from src.quant.schedule import QuantSchedule, calibrate_ranges, reestimate_bn_statistics
 from src.utils import CrossEntropySmooth, Monitor
 
@@ -106,7 +107,7 @@ def _check_resume(path, config, kind, schedule_steps, log):
     entries, meta = checkpoint.read(path, only=("learning_rate",))
     if meta.get("network_kind", kind) != kind:
         raise TrainingError(f"--resume {path} holds a {meta['network_kind']} network, this run trains a {kind} one")
-    for key in ("weight_bits", "act_bits", "edge_act_bits", "quantizer", "image_height", "image_width"):
+    for key in [key for key in QuantConfig.RECORDED if key != "layer_weight_bits"] + ["image_height", "image_width"]:
         if key in meta and meta[key] != config[key]:
             raise TrainingError(f"--resume {path} was trained with {key} {meta[key]}, this run asks for "
                                 f"{config[key]}: give --{key} {meta[key]}")

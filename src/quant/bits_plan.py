@@ -7,6 +7,8 @@ not name taking weight_bits; the other keys (budget, average_weight_bits, source
 """
 import json
 
+from src.quant.fake_quant import MAX_BITS, MIN_BITS
+
 
 class BitsPlanError(ValueError):
     pass
@@ -21,9 +23,9 @@ def average_weight_bits(sizes, weight_bits, layer_weight_bits):
 
 def check_budget(weight_bits, wide_bits, budget):
     """Raise BitsPlanError if no plan can widen layers from weight_bits to wide_bits within `budget`."""
-    if not weight_bits < wide_bits <= 8:
+    if not weight_bits < wide_bits <= MAX_BITS:
         raise BitsPlanError(f"the wide bit width ({wide_bits}) must exceed weight_bits ({weight_bits}) and be at "
-                            f"most 8")
+                            f"most {MAX_BITS}")
     if budget < weight_bits:
         raise BitsPlanError(f"a budget of {budget} average bits is below weight_bits ({weight_bits}): every "
                             f"layer takes at least weight_bits")
@@ -70,8 +72,8 @@ def read(path):
                             f"\"layer_weight_bits\" object of layer name: bits")
     layers = plan["layer_weight_bits"]
     wrong = [f"{name}: {bits!r}" for name, bits in layers.items()
-             if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8]
-    if wrong or not 2 <= plan["weight_bits"] <= 8:
-        raise BitsPlanError(f"bits plan {path}: bit widths must be integers from 2 to 8; got "
+             if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS]
+    if wrong or not MIN_BITS <= plan["weight_bits"] <= MAX_BITS:
+        raise BitsPlanError(f"bits plan {path}: bit widths must be integers from {MIN_BITS} to {MAX_BITS}; got "
                             f"{', '.join(wrong) or 'weight_bits: ' + str(plan['weight_bits'])}")
     return plan["weight_bits"], layers

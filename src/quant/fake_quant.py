@@ -10,6 +10,9 @@ from mindspore import nn, ops, Tensor
 
 from src.kernels import activation_bounds, affine_act_fake_quant_op, cpu_kernel_library, fake_quant_ops
 
+# The bit widths a quantizer can take: codes of every width fit the deployed model's 8-bit tensors.
+MIN_BITS, MAX_BITS = 2, 8
+
 
 def quant_range(num_bits, signed, narrow_range=False):
     """The integer range [qmin, qmax] of a `num_bits` quantized value.
@@ -17,8 +20,8 @@ def quant_range(num_bits, signed, narrow_range=False):
     narrow_range drops the most negative (signed) or the lowest (unsigned) code, e.g. int8 [-127, 127], which
     makes a symmetric range exactly symmetric.
     """
-    if not 2 <= num_bits <= 8:
-        raise ValueError(f"num_bits must be between 2 and 8, got {num_bits}")
+    if not MIN_BITS <= num_bits <= MAX_BITS:
+        raise ValueError(f"num_bits must be between {MIN_BITS} and {MAX_BITS}, got {num_bits}")
     if signed:
         qmin, qmax = -(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1
     else:

@@ -5,8 +5,9 @@ with a step size learned from the observer's range on (`LearnedStepQuantizer`, L
 `weight_quantizer` build the two kinds the network uses: per-tensor asymmetric unsigned for activations,
 per-channel symmetric signed (narrow range) for weights.
 """
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import numpy as np
@@ -36,6 +37,25 @@ class QuantConfig:
     layer_weight_bits: tuple = ()
     # Communication group over which activation ranges are agreed in data-parallel training (None: no sync).
     sync_group: Optional[str] = None
+
+    # What a quantized checkpoint records of its network's quantization (src/checkpoint.py) and a resume must
+    # match: the stored ranges mean nothing at other bits, and LSQ's step sizes are Parameters a minmax network
+    # does not have. The others are how a run trains.
+    RECORDED = ("weight_bits", "act_bits", "edge_act_bits", "layer_weight_bits", "quantizer")
+    BIT_WIDTHS = ("weight_bits", "act_bits", "edge_act_bits")
+
+    @classmethod
+    def from_config(cls, config, sync_group=None):
+        """The QuantConfig of a run's config (src/config.py), whose keys are named as the fields are."""
+        values = {field.name: config[field.name] for field in fields(cls) if field.name in config}
+        values["layer_weight_bits"] = tuple(sorted(values["layer_weight_bits"].items()))
+        return cls(**dict(values, sync_group=sync_group))
+
+    def record(self):
+        """The RECORDED fields as a checkpoint stores them (the mixed-precision plan as JSON)."""
+        record = {key: getattr(self, key) for key in self.RECORDED}
+        record["layer_weight_bits"] = json.dumps(dict(self.layer_weight_bits), sort_keys=True)
+        return record
 
 
 class Quantizer(nn.Cell):
