@@ -1,6 +1,8 @@
-"""Export a float or quantized checkpoint to MINDIR, AIR (Ascend only) or ONNX (INT8 for a quantized network).
+"""Export a float or quantized checkpoint to MINDIR, AIR (Ascend only), ONNX (INT8 for a quantized network, for ONNX
+Runtime) or TFLITE (int8, a quantized network, for LiteRT; needs pip install ai-edge-litert).
 
     python export.py --ckpt_file mobilenetV2_quant-60_1601.ckpt --file_format ONNX --file_name mobilenetv2_int8
+    python export.py --ckpt_file mobilenetV2_quant-60_1601.ckpt --file_format TFLITE --file_name mobilenetv2_int8
 """
 import sys
 
@@ -20,8 +22,8 @@ def add_args(parser):
     parser.add_argument("--network", choices=(checkpoint.FLOAT, checkpoint.QUANT), default=checkpoint.QUANT,
                         help="the kind of network expected in the checkpoint (checked; default quant)")
     parser.add_argument("--export_batch_size", type=int, default=1,
-                        help="batch size of the AIR and float ONNX graphs (MINDIR and INT8 ONNX take any batch "
-                             "size; eval.py runs a fixed-batch ONNX model in chunks)")
+                        help="batch size of the AIR and float ONNX graphs (MINDIR, INT8 ONNX and TFLITE take any "
+                             "batch size; eval.py runs a fixed-batch ONNX model in chunks)")
 
 
 def main(argv=None):

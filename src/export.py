@@ -1,5 +1,6 @@
 """Export a trained checkpoint for deployment: MINDIR (MindSpore, any target), AIR (Ascend 310 inference, needs
-Ascend) and ONNX (INT8 QDQ for ONNX Runtime; float networks export as FP32)."""
+Ascend), ONNX (INT8 QDQ for ONNX Runtime; float networks export as FP32) and TFLITE (int8 for LiteRT); the integer
+formats are written by their deployment targets (src/targets)."""
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor
@@ -10,7 +11,7 @@ from src.quant.layers import weight_layers
 from src.quant.observers import Observer
 from src.quant.schedule import set_switches
 
-FORMATS = ("MINDIR", "AIR", "ONNX")
+FORMATS = ("MINDIR", "AIR", "ONNX", "TFLITE")
 
 
 class ExportError(ValueError):
@@ -51,13 +52,19 @@ def export(network, file_name, file_format, batch_size, image_height, image_widt
         raise ExportError(f"AIR export needs the Ascend backend (--device_target Ascend on an Ascend machine); on "
                           f"{device_target} export MINDIR for MindSpore or ONNX for ONNX Runtime instead")
     quantized = getattr(network, "quantized", False)
+    if file_format == "TFLITE" and not quantized:
+        raise ExportError("TFLITE export writes int8 models of quantized networks; this checkpoint holds a float "
+                          "network: quantize it first (train.py --mode ptq or QAT)")
     network.set_train(False)
     if quantized:
         freeze_ranges(network, image_height, image_width)
     if file_format in BY_FILE_FORMAT and quantized:
         target = BY_FILE_FORMAT[file_format]
         path = file_name + target.suffix
-        target.export(network, path, (3, image_height, image_width))
+        try:
+            target.export(network, path, (3, image_height, image_width))
+        except (ValueError, ImportError) as err:  # what the network or this machine lacks for the format
+            raise ExportError(str(err)) from None
         return path
     if file_format in ("AIR", "ONNX"):  # Ascend 310 graphs, and MindSpore's ONNX export, take a fixed batch size
         example = Tensor(np.zeros((batch_size, 3, image_height, image_width), np.float32))

@@ -1,5 +1,6 @@
 """Export of a trained quantized checkpoint: MINDIR reloads bit-exactly, ONNX is a real INT8 model that ONNX
-Runtime runs on integer kernels and that gives the checkpoint's own logits; wrong requests fail clearly."""
+Runtime runs on integer kernels and that gives the checkpoint's own logits, and so does the int8 .tflite model on
+LiteRT's XNNPACK kernels; wrong requests fail clearly."""
 import collections
 import os
 
@@ -19,7 +20,7 @@ def exported(qat_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     paths = {fmt: export_script.main(["--ckpt_file", checkpoint_path, "--file_format", fmt,
                                       "--file_name", str(out / "tiny"), *tiny_argv()])
-             for fmt in ("ONNX", "MINDIR")}
+             for fmt in ("ONNX", "MINDIR", "TFLITE")}
     return checkpoint_path, paths
 
 
@@ -68,6 +69,27 @@ def test_deployed_models_agree_with_the_checkpoint_exactly(exported, demo_data, 
 
 
 @pytest.mark.xdist_group("export")
+def test_tflite_model_runs_on_xnnpack_and_gives_the_checkpoint_logits(exported, demo_data, capsys):
+    """The checkpoint's integer inference as LiteRT computes (its ADD and QUANTIZE differ from ONNX Runtime's) and
+    the .tflite model in LiteRT's interpreter: identical logits, image for image; every operator on XNNPACK."""
+    from ai_edge_litert.interpreter import Interpreter
+    from src.targets.litert import fully_delegated
+    checkpoint_path, paths = exported
+    _, val_path = demo_data
+    interpreter = Interpreter(model_path=paths["TFLITE"])
+    interpreter.allocate_tensors()
+    ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+    assert ops["CONV_2D"] + ops["DEPTHWISE_CONV_2D"] == 25 and ops["FULLY_CONNECTED"] == 1 and ops["ADD"] == 2
+    assert ops["MEAN"] == 1 and fully_delegated(interpreter)
+    result = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", checkpoint_path,
+                               "--parity_with", paths["TFLITE"], *tiny_argv()])
+    assert "integer inference as LiteRT (XNNPACK) computes" in capsys.readouterr().out
+    assert result["max_logit_diff_steps"] == 0 and result["top1_agreement"] == 1
+    deployed = eval_script.main(["--dataset_path", val_path, "--checkpoint_path", paths["TFLITE"], *tiny_argv()])
+    assert deployed["acc"] == result["acc_b"] and deployed["images"] == 24
+
+
+@pytest.mark.xdist_group("export")
 def test_onnx_model_is_evaluated_at_the_size_it_takes(exported, demo_data):
     _, paths = exported
     _, val_path = demo_data
@@ -90,6 +112,10 @@ def test_wrong_export_requests_fail_clearly(exported, float_run, tmp_path):
     with pytest.raises(SystemExit, match="--network quant given, but .* holds a float network"):
         export_script.main(["--ckpt_file", float_run, "--file_format", "ONNX", "--file_name", str(tmp_path / "m"),
                             *tiny_argv()])
+    with pytest.raises(SystemExit, match="TFLITE export writes int8 models of quantized networks; this checkpoint "
+                                         "holds a float network"):
+        export_script.main(["--ckpt_file", float_run, "--file_format", "TFLITE", "--network", "float",
+                            "--file_name", str(tmp_path / "m"), *tiny_argv()])
     assert not os.listdir(tmp_path)
     with pytest.raises(SystemExit, match="--simulated evaluates a quantized checkpoint; .* holds a float network"):
         eval_script.main(["--dataset_path", "unused", "--checkpoint_path", float_run, "--simulated", *tiny_argv()])

@@ -299,6 +299,14 @@ def set_layer_weight_bits(network, layer_weight_bits):
     network.update_parameters_name()
 
 
+def set_deployment_target(network, target):
+    """Integer inference of the quantized `network` as `target` (src/targets) computes its deployed model. Takes
+    effect in graphs compiled afterwards."""
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, _Deployed):
+            cell.deployment_target = target
+
+
 def set_integer_inference(network, enabled):
     """Inference of the quantized `network` as the deployed integer model computes it (the default) or, with
     `enabled` False, as fake quantization in float. Takes effect in graphs compiled afterwards."""

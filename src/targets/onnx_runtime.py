@@ -24,6 +24,7 @@ import onnx
 from mindspore import Tensor
 from onnx import helper, numpy_helper, TensorProto
 
+from src.evaluation import onnx_predictor
 from src.quant import integer
 from src.quant.dataflow import trace
 
@@ -215,7 +216,9 @@ def export_onnx(network, path, input_shape):
 class OnnxRuntime:
     """The deployment target: INT8 QDQ ONNX, run by ONNX Runtime's x86 CPU kernels."""
     name = "onnxruntime"
+    runtime = "ONNX Runtime (x86)"
     file_format = "ONNX"
     suffix = ".onnx"
     arithmetic = OnnxRuntimeArithmetic
     export = staticmethod(export_onnx)
+    predictor = staticmethod(onnx_predictor)
