@@ -117,7 +117,9 @@ def test_with_rounding_every_parameter_moves_close_to_the_float_step(steps):
     assert unmoved == []
     cosines = sorted(_layer_cosines(quant_updates, float_updates).values())
     print("per-layer cosine, rounding on: median", np.median(cosines), "min", cosines[0])
-    # Measured on the AVX-512 machine with the fixture at 97.9%: median 0.96, worst layer 0.91, on both paths.
+    # Measured on the AVX-512 machine with the fixture at 97.9% (full depth): median 0.96, worst layer 0.91, on both
+    # paths. At depth 0.3 on the AVX2 AMD EPYC (2026-12-08), TEST_SEED 2 and 3: median 0.973 and 0.974, worst layer
+    # 0.87-0.95.
     # A cut gradient leaves layers unmoved (above) and their cosine at 0.
     assert np.median(cosines) >= 0.9, cosines[:5]
 
