@@ -9,8 +9,8 @@ from mindspore import nn, Tensor
 
 from src.quant.layers import QuantAdd, QuantInput, set_deployment_target
 from src.quant.quantizer import QuantConfig, activation_quantizer
-from src.targets.litert import INT8_OFFSET, LiteRT, TfliteModel, fully_delegated
-from src.targets.onnx_runtime import OnnxRuntime
+from src.targets.litert import INT8_OFFSET, LITERT, TfliteModel, fully_delegated
+from src.targets.onnx_runtime import ONNX_RUNTIME
 
 Interpreter = pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT (pip install ai-edge-litert) is a "
                                   "test dependency: requirements-test.txt").Interpreter
@@ -88,7 +88,7 @@ def test_residual_add_gives_xnnpack_add_codes():
     """Every pair of uint8 codes, for random ranges: among them ranges where ONNX Runtime's float arithmetic rounds
     some sums otherwise (about one code in 10^5), which the LiteRT target must not compute."""
     a, b = (g.reshape(1, 256 * 256).astype(np.uint8) for g in np.meshgrid(np.arange(256), np.arange(256)))
-    ours, onnx_runtime = integer_add(LiteRT), integer_add(OnnxRuntime)
+    ours, onnx_runtime = integer_add(LITERT), integer_add(ONNX_RUNTIME)
     cases, differing = [], []
     for _ in range(200):  # about 30 suffice
         if len(differing) == 3:
@@ -133,7 +133,7 @@ def test_input_quantization_gives_xnnpack_quantize_codes():
     model.op(schema.BuiltinOperator.QUANTIZE, [source], [codes], version=2)
     theirs = run_tflite(model.to_bytes([source], [codes]), [x]).astype(np.int16) + INT8_OFFSET
     ours = {}
-    for target in (LiteRT, OnnxRuntime):
+    for target in (LITERT, ONNX_RUNTIME):
         layer = QuantInput(quantizer)
         set_deployment_target(layer, target)
         cell = _Quantize(layer)

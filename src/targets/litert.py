@@ -26,6 +26,7 @@ from mindspore import ops, Tensor
 
 from src.quant import integer
 from src.quant.dataflow import trace
+from src.targets.target import DeploymentTarget
 from src.targets.onnx_runtime import OnnxRuntimeArithmetic
 
 INT8_OFFSET = 128  # int8 code = uint8 code - 128, for codes and zero points alike
@@ -319,12 +320,6 @@ def tflite_predictor(path):
     return predict
 
 
-class LiteRT:
-    """The deployment target: an int8 .tflite model, run by LiteRT's XNNPACK CPU kernels (x86 and ARM)."""
-    name = "litert"
-    runtime = "LiteRT (XNNPACK)"
-    file_format = "TFLITE"
-    suffix = ".tflite"
-    arithmetic = LiteRTArithmetic
-    export = staticmethod(export_tflite)
-    predictor = staticmethod(tflite_predictor)
+LITERT = DeploymentTarget(
+    name="litert", runtime="LiteRT (XNNPACK)", file_format="TFLITE", suffix=".tflite", arithmetic=LiteRTArithmetic,
+    export=export_tflite, predictor=tflite_predictor)

@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper, TensorProto
 from src.evaluation import onnx_predictor
 from src.quant import integer
 from src.quant.dataflow import trace
+from src.targets.target import DeploymentTarget
 
 OPSET = 13
 
@@ -213,12 +214,6 @@ def export_onnx(network, path, input_shape):
     onnx.save(model, path)
 
 
-class OnnxRuntime:
-    """The deployment target: INT8 QDQ ONNX, run by ONNX Runtime's x86 CPU kernels."""
-    name = "onnxruntime"
-    runtime = "ONNX Runtime (x86)"
-    file_format = "ONNX"
-    suffix = ".onnx"
-    arithmetic = OnnxRuntimeArithmetic
-    export = staticmethod(export_onnx)
-    predictor = staticmethod(onnx_predictor)
+ONNX_RUNTIME = DeploymentTarget(
+    name="onnxruntime", runtime="ONNX Runtime (x86)", file_format="ONNX", suffix=".onnx",
+    arithmetic=OnnxRuntimeArithmetic, export=export_onnx, predictor=onnx_predictor)
