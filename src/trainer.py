@@ -148,6 +148,97 @@ def _reestimate_bn(network, train_cell, dataset_path, config, rank, group_size, 
     log(f"BN statistics re-estimated over {seen} batches before BN freezes")
 
 
+class _Checkpoints:
+    """Where a run writes: epoch-end and mid-epoch checkpoints of the whole training cell (the newest
+    config.keep_checkpoint_max kept), and with validation the best network as <prefix>-best.ckpt."""
+
+    def __init__(self, config, output_dir, quantized, train_cell, network, rank, log):
+        self.config, self.output_dir, self.quantized, self.log = config, output_dir, quantized, log
+        self.train_cell, self.network = train_cell, network
+        self.saving = rank == 0 and config.save_checkpoint
+        self.best_path = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-best.ckpt")
+        self.best_acc = -1.0
+        self.last = None  # the last checkpoint written or resumed from: what a failure names
+
+    def resumed(self, path):
+        """Continue after `path`, keeping the best checkpoint of the epochs before it unless this run beats it."""
+        self.last = path
+        if os.path.isfile(self.best_path):
+            self.best_acc = checkpoint.read(self.best_path, only=())[1].get("val_acc", -1.0)
+
+    def save(self, epoch_num, step, name):
+        if not self.saving:
+            return
+        path = os.path.join(self.output_dir, f"{checkpoint_prefix(self.quantized)}-{name}.ckpt")
+        checkpoint.save(self.train_cell, path, self.network, epoch_num, step, input_record(self.config))
+        for old in list_checkpoints(self.output_dir, self.quantized)[:-self.config.keep_checkpoint_max]:
+            os.remove(old)
+        self.log(f"checkpoint saved: {path}")  # src/launch.py names the newest when a rank fails
+        self.last = path
+
+    def keep_if_best(self, acc, epoch_num, step):
+        if self.config.save_checkpoint and acc > self.best_acc:
+            self.best_acc = acc
+            checkpoint.save(self.network, self.best_path, self.network, epoch_num, step,
+                            dict(input_record(self.config), val_acc=acc))
+            self.log(f"best val acc so far: {self.best_path}")
+
+
+def _start(network, train_cell, checkpoints, config, quantized, pretrained, resume, reinit_classifier,
+           schedule_steps, log):
+    """Load what the run starts from: a resumed run's whole training state, or the pre-trained network's
+    weights. Returns (first epoch, global step)."""
+    if resume:
+        if resume == "latest":
+            found = list_checkpoints(checkpoints.output_dir, quantized)
+            if not found:
+                raise TrainingError(f"--resume latest: no {checkpoint_prefix(quantized)} checkpoint in "
+                                    f"{checkpoints.output_dir}")
+            resume = found[-1]
+        _check_resume(resume, config, checkpoint.network_kind(network), schedule_steps, log)
+        meta = checkpoint.load_into(network, resume, train_state=train_cell)
+        checkpoints.resumed(resume)
+        log(f"resumed from {resume}: epoch {meta['epoch_num']}, global step {meta['step_num']}")
+        return meta["epoch_num"], meta["step_num"]
+    if pretrained:
+        allow = quant_state_names(network) if quantized else ()
+        meta = checkpoint.load_into(network, pretrained, allow_missing=allow, reinit_classifier=reinit_classifier,
+                                    log=log)
+        log(f"loaded {meta['network_kind']} checkpoint {pretrained}")
+        check_input_record(config, meta, pretrained, log=log)
+    elif quantized:
+        log("warning: QAT from random initialisation; pass --pre_trained with a float checkpoint")
+    return 0, 0
+
+
+def train_one_epoch(train_cell, network, epoch_data, epoch, step, skip, lr, schedule, monitor, checkpoints,
+                    reestimate_bn):
+    """One epoch's steps from global step `step`, passing over its first `skip` batches (a resumed mid-epoch
+    checkpoint trained on them): the schedule's switches (after BN re-estimation, `reestimate_bn()`, where BN
+    freezes), the step, its log line, the NaN guard and mid-epoch checkpoints. Returns the global step after it."""
+    config = checkpoints.config
+    for i, (images, labels) in enumerate(epoch_data):
+        if len(labels) < config.batch_size or i < skip:
+            continue  # the partial last batch (one input shape, one compiled graph); batches already trained on
+        if schedule is not None:
+            if step == schedule.freeze_bn and config.bn_reestimation_batches:
+                reestimate_bn()
+            schedule.apply(network, step)
+        monitor.step_begin()
+        loss, _, _ = train_cell(Tensor(images), Tensor(labels))
+        loss = float(loss.asnumpy())
+        if not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at epoch {epoch}, step {i}: training stopped. The last good "
+                                f"checkpoint is {checkpoints.last or 'none (none written yet)'}; lower --lr or "
+                                f"check the data and the pre-trained checkpoint")
+        monitor.step_end(epoch, i, loss, float(lr[min(step, len(lr) - 1)]))
+        step += 1
+        if config.save_checkpoint_steps and step % config.save_checkpoint_steps == 0 \
+                and i + 1 < monitor.steps_per_epoch:  # at an epoch's end the epoch checkpoint follows
+            checkpoints.save(epoch, step, f"{epoch + 1}_{i + 1}")
+    return step
+
+
 def train(config, dataset_path, quantized=True, pretrained=None, resume=None, reinit_classifier=False,
           output_dir=None, rank=0, group_size=1, sync_group=None, eval_dataset_path=None, log=print, progress=None):
     """Train for config.epoch_size epochs (float, or QAT from the float checkpoint `pretrained`).
@@ -155,8 +246,8 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
     resume: a checkpoint this function wrote ("latest" picks the newest in output_dir); training continues
     exactly where it stood. eval_dataset_path: validate every config.eval_interval epochs, as the deployed model
     computes (inference mode), and keep the best network as <prefix>-best.ckpt. progress: a terminal stream for a
-    progress bar in place of the per-step lines. Returns the path of the last checkpoint written (None if saving
-    is off).
+    progress bar in place of the per-step lines. Returns the path of the last checkpoint written or resumed from
+    (None if there is none).
     """
     output_dir = output_dir or config.save_checkpoint_path
     ms.set_seed(config.seed)
@@ -165,30 +256,12 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
     lr = get_lr(config.start_epoch * steps_per_epoch, 0.0, config.lr_end, config.lr, config.warmup_epochs,
                 config.start_epoch + config.epoch_size, steps_per_epoch)
     train_cell = make_train_cell(network, make_optimizer(network, lr, config), config)
-
-    first_epoch, step, last_saved = 0, 0, None
-    if resume:
-        if resume == "latest":
-            found = list_checkpoints(output_dir, quantized)
-            if not found:
-                raise TrainingError(f"--resume latest: no {checkpoint_prefix(quantized)} checkpoint in {output_dir}")
-            resume = found[-1]
-        _check_resume(resume, config, checkpoint.network_kind(network), len(lr), log)
-        meta = checkpoint.load_into(network, resume, train_state=train_cell)
-        first_epoch, step, last_saved = meta["epoch_num"], meta["step_num"], resume
-        log(f"resumed from {resume}: epoch {first_epoch}, global step {step}")
-    elif pretrained:
-        allow = quant_state_names(network) if quantized else ()
-        meta = checkpoint.load_into(network, pretrained, allow_missing=allow, reinit_classifier=reinit_classifier,
-                                    log=log)
-        log(f"loaded {meta['network_kind']} checkpoint {pretrained}")
-        check_input_record(config, meta, pretrained, log=log)
-    elif quantized:
-        log("warning: QAT from random initialisation; pass --pre_trained with a float checkpoint")
-
+    checkpoints = _Checkpoints(config, output_dir, quantized, train_cell, network, rank, log)
+    first_epoch, step = _start(network, train_cell, checkpoints, config, quantized, pretrained, resume,
+                               reinit_classifier, len(lr), log)
     # A checkpoint written in the middle of an epoch: that epoch's first batches are already trained on. Its data
     # order and augmentation are seeded by the epoch, so passing over them leaves the rest exactly as they were.
-    done_in_epoch = step - first_epoch * steps_per_epoch
+    skip = step - first_epoch * steps_per_epoch
 
     log(f"lr: this run sees {lr[0]:.6f} at its first step down to {lr[-1]:.6f} at its last: the tail, from epoch "
         f"{config.start_epoch}, of a {config.start_epoch + config.epoch_size}-epoch warm-up + cosine schedule "
@@ -200,60 +273,27 @@ def train(config, dataset_path, quantized=True, pretrained=None, resume=None, re
     monitor = Monitor(config.epoch_size, steps_per_epoch, config.batch_size * group_size, config.log_interval, log,
                       progress)
     validation = create_dataset(eval_dataset_path, False, config) if eval_dataset_path and rank == 0 else None
-    best = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-best.ckpt")
-    # a resumed run keeps the best checkpoint of the epochs before the resume unless it beats it
-    best_acc = checkpoint.read(best, only=())[1].get("val_acc", -1.0) if resume and os.path.isfile(best) else -1.0
     os.makedirs(output_dir, exist_ok=True)
-    saving = rank == 0 and config.save_checkpoint
-
-    def save(epoch_num, name):
-        path = os.path.join(output_dir, f"{checkpoint_prefix(quantized)}-{name}.ckpt")
-        checkpoint.save(train_cell, path, network, epoch_num, step, input_record(config))
-        for old in list_checkpoints(output_dir, quantized)[:-config.keep_checkpoint_max]:
-            os.remove(old)
-        log(f"checkpoint saved: {path}")  # src/launch.py names the newest when a rank fails
-        return path
 
     for epoch in range(first_epoch, config.epoch_size):
         epoch_data = Epoch(create_dataset(dataset_path, True, config, rank, group_size, epoch=epoch))
         monitor.epoch_begin()
-        for i, (images, labels) in enumerate(epoch_data):
-            if len(labels) < config.batch_size:
-                continue  # the partial last batch: one input shape, one compiled graph
-            if i < done_in_epoch:
-                continue
-            if schedule is not None:
-                if step == schedule.freeze_bn and config.bn_reestimation_batches:
-                    _reestimate_bn(network, train_cell, dataset_path, config, rank, group_size, epoch, log)
-                schedule.apply(network, step)
-            monitor.step_begin()
-            loss, _, _ = train_cell(Tensor(images), Tensor(labels))
-            loss = float(loss.asnumpy())
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at epoch {epoch}, step {i}: training stopped. The last good "
-                                    f"checkpoint is {last_saved or 'none (none written yet)'}; lower --lr or check "
-                                    f"the data and the pre-trained checkpoint")
-            monitor.step_end(epoch, i, loss, float(lr[min(step, len(lr) - 1)]))
-            step += 1
-            if saving and config.save_checkpoint_steps and step % config.save_checkpoint_steps == 0 \
-                    and i + 1 < steps_per_epoch:  # at an epoch's end the epoch checkpoint follows
-                last_saved = save(epoch, f"{epoch + 1}_{i + 1}")
-        done_in_epoch = 0
+        step = train_one_epoch(train_cell, network, epoch_data, epoch, step, skip, lr, schedule, monitor,
+                               checkpoints, lambda: _reestimate_bn(network, train_cell, dataset_path, config, rank,
+                                                                   group_size, epoch, log))
+        skip = 0
         monitor.epoch_end(epoch)
         if epoch_data.images_skipped:
             log(f"skipped {epoch_data.images_skipped} unreadable images in epoch {epoch}")
         done = epoch + 1
-        if saving and (done % config.save_checkpoint_epochs == 0 or done == config.epoch_size):
-            last_saved = save(done, f"{done}_{steps_per_epoch}")
+        if done % config.save_checkpoint_epochs == 0 or done == config.epoch_size:
+            checkpoints.save(done, step, f"{done}_{steps_per_epoch}")
         if validation is not None and (done % config.eval_interval == 0 or done == config.epoch_size):
             result = evaluate(network_predictor(network, config.batch_size), validation)
             train_cell.set_train(True)  # the predictor put the network in inference mode
             log(f"epoch: {done}, val acc: {result['acc']:.4f}, top5: {result['top5']:.4f}")
-            if config.save_checkpoint and result["acc"] > best_acc:
-                best_acc = result["acc"]
-                checkpoint.save(network, best, network, done, step, dict(input_record(config), val_acc=best_acc))
-                log(f"best val acc so far: {best}")
-    return last_saved
+            checkpoints.keep_if_best(result["acc"], done, step)
+    return checkpoints.last
 
 
 def calibrate(config, dataset_path, pretrained, output_dir=None, log=print):
