@@ -73,7 +73,7 @@ def test_tflite_model_runs_on_xnnpack_and_gives_the_checkpoint_logits(exported, 
     """The checkpoint's integer inference as LiteRT computes (its ADD and QUANTIZE differ from ONNX Runtime's) and
     the .tflite model in LiteRT's interpreter: identical logits, image for image; every operator on XNNPACK."""
     from ai_edge_litert.interpreter import Interpreter
-    from src.targets.litert import fully_delegated
+    from src.targets.litert_run import fully_delegated
     checkpoint_path, paths = exported
     _, val_path = demo_data
     interpreter = Interpreter(model_path=paths["TFLITE"])

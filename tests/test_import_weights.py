@@ -208,21 +208,20 @@ def imported_pretrained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fine_tuned(imported_pretrained, learning_data, tmp_path_factory):
-    """(checkpoint, log) of float fine-tuning from the imported network onto learning_data's classes."""
+    """(checkpoint, log, top-1) of float fine-tuning from the imported network onto learning_data's classes."""
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         last = train_script.main(["--mode", "float", "--pre_trained", imported_pretrained, "--reinit_classifier",
                                   "True", "--dataset_path", learning_data[0], *IMPORTED_ARGV, "--start_epoch", "0",
                                   "--epoch_size", str(FINE_TUNE_EPOCHS), "--lr", "0.01", "--keep_checkpoint_max", "1",
                                   "--save_checkpoint_path", str(tmp_path_factory.mktemp("fine_tuned"))])
-    return last, log.getvalue()
+    return last, log.getvalue(), evaluate_learned(last, learning_data[1], *IMPORTED_ARGV)["acc"]
 
 
 @pytest.mark.xdist_group("import_fine_tuned")
 def test_fine_tuning_from_imported_weights_needs_fewer_epochs(fine_tuned, learned_float, learning_data):
-    path, log = fine_tuned
+    _, log, fine_tuned_acc = fine_tuned
     assert "re-initialising the classifier (checkpoint shape differs: classifier.weight (10, 1280) vs (4, 1280)" in log
-    fine_tuned_acc = evaluate_learned(path, learning_data[1])["acc"]
     scratch_acc = evaluate_learned(learned_float, learning_data[1])["acc"]
     print(f"fine-tuned {FINE_TUNE_EPOCHS} epochs from imported weights: {fine_tuned_acc:.4f}; "
           f"from scratch, 25 epochs: {scratch_acc:.4f}")
@@ -231,7 +230,7 @@ def test_fine_tuning_from_imported_weights_needs_fewer_epochs(fine_tuned, learne
 
 @pytest.mark.xdist_group("import_fine_tuned")
 def test_import_ptq_qat_onnx_chain(fine_tuned, learning_data, tmp_path):
-    fine_tuned, _ = fine_tuned
+    fine_tuned, _, fine_tuned_acc = fine_tuned
     train_path, val_path = learning_data
     ptq = train_script.main(["--mode", "ptq", "--pre_trained", fine_tuned, "--dataset_path", train_path,
                              *IMPORTED_ARGV, "--calibration_batches", "10", "--save_checkpoint_path",
@@ -241,9 +240,9 @@ def test_import_ptq_qat_onnx_chain(fine_tuned, learning_data, tmp_path):
                              "--freeze_observer_epochs", "1", "--save_checkpoint_path", str(tmp_path / "qat")])
     onnx_model = export_script.main(["--ckpt_file", qat, "--file_format", "ONNX", *IMPORTED_ARGV,
                                      "--file_name", str(tmp_path / "int8")])
-    accuracy = {name: evaluate_learned(path, val_path)["acc"] for name, path in (("float", fine_tuned), ("ptq", ptq))}
+    accuracy = {"float": fine_tuned_acc, "ptq": evaluate_learned(ptq, val_path, *IMPORTED_ARGV)["acc"]}
     # the parity run evaluates both the QAT checkpoint and the ONNX model: their accuracies come from it
-    parity = evaluate_learned(qat, val_path, "--parity_with", onnx_model)
+    parity = evaluate_learned(qat, val_path, "--parity_with", onnx_model, *IMPORTED_ARGV)
     accuracy.update(qat=parity["acc_a"], onnx=parity["acc_b"])
     print({name: round(acc, 4) for name, acc in accuracy.items()}, parity)
     for name in ("ptq", "qat", "onnx"):

@@ -9,7 +9,8 @@ from mindspore import nn, Tensor
 
 from src.quant.layers import QuantAdd, QuantInput, set_deployment_target
 from src.quant.quantizer import QuantConfig, activation_quantizer
-from src.targets.litert import INT8_OFFSET, LITERT, TfliteModel, fully_delegated
+from src.targets.litert import INT8_OFFSET, LITERT, TfliteModel
+from src.targets.litert_run import fully_delegated
 from src.targets.onnx_runtime import ONNX_RUNTIME
 
 Interpreter = pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT (pip install ai-edge-litert) is a "

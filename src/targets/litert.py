@@ -27,6 +27,7 @@ from mindspore import ops, Tensor
 from src.quant import integer
 from src.quant.dataflow import trace
 from src.targets.target import DeploymentTarget
+from src.targets.litert_run import TfliteRunner, fully_delegated
 from src.targets.onnx_runtime import OnnxRuntimeArithmetic
 
 INT8_OFFSET = 128  # int8 code = uint8 code - 128, for codes and zero points alike
@@ -282,40 +283,26 @@ def export_tflite(network, path, input_shape):
         f.write(writer.model.to_bytes([writer.input.index], [output.index]))
 
 
-def fully_delegated(interpreter):
-    """Whether an allocated LiteRT interpreter runs its whole model in one XNNPACK partition: one delegate node that
-    computes the model's output, no operator left to the builtin kernels (which round otherwise)."""
-    delegated = [op for op in interpreter._get_ops_details() if op["op_name"] == "DELEGATE"]
-    output = interpreter.get_output_details()[0]["index"]
-    return len(delegated) == 1 and list(delegated[0]["outputs"]) == [output]
-
-
 def tflite_predictor(path):
-    """Images (N, 3, H, W) -> logits through LiteRT's interpreter on its default CPU path (XNNPACK). The function's
-    `input_record` gives the image size the model takes."""
+    """Images (N, 3, H, W) -> logits through LiteRT's interpreter on its default CPU path (XNNPACK); a warning when
+    an operator is left to the builtin kernels. The function's `input_record` gives the image size the model
+    takes."""
     _litert()
-    from ai_edge_litert.interpreter import Interpreter
     from src.dataset import DatasetError
-    interpreter = Interpreter(model_path=path, num_threads=1)
-    model_input = interpreter.get_input_details()[0]
-    size = tuple(int(d) for d in model_input["shape"][1:3])
-    batch = [None]
+
+    def check(interpreter):
+        if not fully_delegated(interpreter):
+            warnings.warn(f"{path}: LiteRT runs some operators on its builtin kernels, not XNNPACK; they round "
+                          f"otherwise, and the results may differ from the checkpoint's")
+    run = TfliteRunner(path, check)
+    size = run.size
 
     def predict(images):
         if images.shape[2:] != size:
             raise DatasetError(f"{path} takes {size[0]}x{size[1]} images, the data pipeline gives "
                                f"{images.shape[2]}x{images.shape[3]}: give --image_height {size[0]} "
                                f"--image_width {size[1]}")
-        if batch[0] != len(images):
-            interpreter.resize_tensor_input(model_input["index"], [len(images), *size, 3])
-            interpreter.allocate_tensors()
-            if batch[0] is None and not fully_delegated(interpreter):
-                warnings.warn(f"{path}: LiteRT runs some operators on its builtin kernels, not XNNPACK; they round "
-                              f"otherwise, and the results may differ from the checkpoint's")
-            batch[0] = len(images)
-        interpreter.set_tensor(model_input["index"], np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
-        interpreter.invoke()
-        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+        return run(images.transpose(0, 2, 3, 1))
     predict.input_record = {"image_height": size[0], "image_width": size[1]}
     return predict
 
