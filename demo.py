@@ -1,11 +1,13 @@
 """The whole story on the embedded demo dataset, on CPU: float training; post-training quantization (calibration
 only) and QAT from that checkpoint; evaluation of all three; INT8 ONNX export of the QAT model and its parity with
-the QAT checkpoint; and a float vs PTQ vs QAT (simulated and integer) vs deployed table.
+the QAT checkpoint (and the same for an int8 .tflite model when LiteRT is installed: pip install ai-edge-litert);
+and a float vs PTQ vs QAT (simulated and integer) vs deployed table.
 
     python demo.py [--output_path ./demo_run]
 Each stage runs the same entry points a user runs (train.py, eval.py); their command lines are printed.
 """
 import argparse
+import importlib.util
 import os
 import time
 
@@ -55,19 +57,29 @@ def main():
                                       *DEMO_CONFIG])
     parity = run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", qat_ckpt,
                                    "--parity_with", onnx_model, *DEMO_CONFIG])
+    deployed_rows, parities = [("QAT, INT8 ONNX (ONNX Runtime)", deployed)], [("ONNX Runtime", parity)]
+    if importlib.util.find_spec("ai_edge_litert"):
+        tflite_model = run(export_script, ["--ckpt_file", qat_ckpt, "--file_format", "TFLITE", *DEMO_CONFIG,
+                                           "--file_name", os.path.join(args.output_path, "mobilenetv2_demo_int8")])
+        deployed_rows.append(("QAT, int8 TFLite (LiteRT, XNNPACK)", run(
+            evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", tflite_model, *DEMO_CONFIG])))
+        parities.append(("LiteRT", run(evaluate_script, ["--dataset_path", val_path, "--checkpoint_path", qat_ckpt,
+                                                         "--parity_with", tflite_model, *DEMO_CONFIG])))
+    else:
+        print("\nLiteRT is not installed: pip install ai-edge-litert adds the int8 .tflite model to this demo")
 
     print("\n| model | top-1 | top-5 |\n|---|---|---|")
     for name, result in (("float (MindSpore)", float_result),
                          ("PTQ, calibration only, INT8 integer inference (MindSpore)", ptq_result),
                          ("QAT, simulated: fake quantization in float (MindSpore)", simulated),
-                         ("QAT, INT8 integer inference (MindSpore)", qat_result),
-                         ("QAT, INT8 ONNX (ONNX Runtime)", deployed)):
+                         ("QAT, INT8 integer inference (MindSpore)", qat_result), *deployed_rows):
         print(f"| {name} | {100 * result['acc']:.2f}% | {100 * result['top5']:.2f}% |")
     print(f"\n{float_result['images']} validation images; QAT vs float: "
           f"{100 * (qat_result['acc'] - float_result['acc']):+.2f} points, PTQ vs float: "
-          f"{100 * (ptq_result['acc'] - float_result['acc']):+.2f} points; integer inference vs deployed top-1 "
-          f"agreement {100 * parity['top1_agreement']:.2f}%, largest logit difference {parity['max_logit_diff_steps']:.2f} "
-          f"output quantization steps")
+          f"{100 * (ptq_result['acc'] - float_result['acc']):+.2f} points")
+    for runtime, result in parities:
+        print(f"integer inference vs {runtime}: top-1 agreement {100 * result['top1_agreement']:.2f}%, largest logit "
+              f"difference {result['max_logit_diff_steps']:.2f} output quantization steps")
     print(f"demo finished in {(time.time() - start) / 60:.1f} min")
 
 

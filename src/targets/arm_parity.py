@@ -15,10 +15,13 @@ from src.targets.litert_run import TfliteRunner, main as run_litert
 def prepare(model, dataset_path, out_dir, batch_size=32):
     """The evaluation pipeline's images for `model`'s input size, NHWC, as OUT_DIR/inputs.npy, and LiteRT's x86
     logits for them as OUT_DIR/x86.npy."""
+    from easydict import EasyDict
     from src.config import config_cpu
     from src.dataset import Epoch, create_dataset
-    height, width = TfliteRunner(model).size
-    config = dict(config_cpu, image_height=height, image_width=width, batch_size=batch_size, num_parallel_workers=1)
+    runner = TfliteRunner(model)
+    (height, width), classes = runner.size, int(runner.interpreter.get_output_details()[0]["shape"][-1])
+    config = EasyDict(config_cpu, image_height=height, image_width=width, batch_size=int(batch_size),
+                      num_classes=classes, num_parallel_workers=1)
     images = np.concatenate([batch for batch, _ in Epoch(create_dataset(dataset_path, False, config))])
     os.makedirs(out_dir, exist_ok=True)
     inputs = os.path.join(out_dir, "inputs.npy")
