@@ -37,6 +37,13 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(4, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded by the test's name: the same values whichever tests run before it."""
+    import zlib
+    return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
 def made_once(tmp_path_factory, name, make):
     """make(folder) -> a JSON value, run once for the whole test run: by the first pytest-xdist worker that asks,
     under a lock; the others wait for it and read its result. The trained fixtures take minutes each, so every

@@ -1,8 +1,6 @@
 """LiteRT as a deployment target (src/targets/litert.py): the arithmetic integer inference computes for it against
 LiteRT's own XNNPACK kernels, operator by operator where it differs from ONNX Runtime's (ADD, QUANTIZE), and a
 whole exported network, image for image, with every operator on XNNPACK."""
-import zlib
-
 import numpy as np
 import pytest
 from mindspore import nn, Tensor
@@ -16,13 +14,6 @@ from src.targets.onnx_runtime import ONNX_RUNTIME
 Interpreter = pytest.importorskip("ai_edge_litert.interpreter", reason="LiteRT (pip install ai-edge-litert) is a "
                                   "test dependency: requirements-test.txt").Interpreter
 f32 = np.float32
-rng = None
-
-
-@pytest.fixture(autouse=True)
-def seeded(request):
-    global rng
-    rng = np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def run_tflite(model, inputs):
@@ -85,7 +76,7 @@ def tflite_add(a, b, ranges):
 
 
 @pytest.mark.quick
-def test_residual_add_gives_xnnpack_add_codes():
+def test_residual_add_gives_xnnpack_add_codes(rng):
     """Every pair of uint8 codes, for random ranges: among them ranges where ONNX Runtime's float arithmetic rounds
     some sums otherwise (about one code in 10^5), which the LiteRT target must not compute."""
     a, b = (g.reshape(1, 256 * 256).astype(np.uint8) for g in np.meshgrid(np.arange(256), np.arange(256)))
@@ -119,7 +110,7 @@ class _Quantize(nn.Cell):
 
 
 @pytest.mark.quick
-def test_input_quantization_gives_xnnpack_quantize_codes():
+def test_input_quantization_gives_xnnpack_quantize_codes(rng):
     """Values at and around every code's rounding boundary: XNNPACK multiplies by the reciprocal of the scale,
     ONNX Runtime divides, and near the boundaries the two round apart."""
     quantizer = activation_quantizer(QuantConfig())
