@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, HeNormal, Normal
 
-from src.kernels import AffineAct, channel_stats_op, convolution, cpu_kernel_library, stock_convolution
+from src.kernels import AffineAct, DirectConv2D, UsesKernels, channel_stats_op, stock_convolution
 
 BN_MOMENTUM = 0.1  # weight of the new batch in the running statistics (PyTorch's convention, as ops.batch_norm)
 BN_EPS = 1e-5
@@ -29,7 +29,7 @@ def set_compute_dtype(network, dtype):
             cell.compute_dtype = dtype
 
 
-class ConvBNAct(nn.Cell, _MixedPrecision):
+class ConvBNAct(nn.Cell, _MixedPrecision, UsesKernels):
     """Conv2d (no bias) + BatchNorm + optional ReLU6, with 'same' padding for odd kernels.
 
     BN is an affine map per channel, a * y + b on the convolution's output y: from y's batch statistics in training
@@ -50,20 +50,18 @@ class ConvBNAct(nn.Cell, _MixedPrecision):
                                      requires_grad=False)
         self.moving_variance = Parameter(initializer("ones", (out_channels,), ms.float32),
                                          name="moving_variance", requires_grad=False)
-        self.conv = convolution(out_channels, kernel_size, stride, padding, groups)
         self.activation = activation
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding, self.groups = kernel_size, stride, padding, groups
-        library = cpu_kernel_library()
-        self.channel_stats = channel_stats_op(library) if library else channel_stats
-        self.affine_act = AffineAct(library, activation) if library else None
+        # Our direct convolution where oneDNN would run its reference one (larger than 1x1), MindSpore's Conv2D else.
+        self.use_kernel("conv", lambda library: DirectConv2D(library, stride, padding),
+                        stock_convolution(out_channels, kernel_size, stride, padding, groups),
+                        available=kernel_size > 1)
+        self.use_kernel("channel_stats", channel_stats_op, channel_stats)
+        self.use_kernel("affine_act", lambda library: AffineAct(library, activation))
         # Data parallel (the quantized layer): averages the batch statistics over ranks before they move the
         # running ones. None: each rank moves its own, as BN without SyncBN does.
         self.stats_all_reduce, self.group_size = None, 1
-
-    def use_mindspore_ops(self):
-        self.conv = stock_convolution(self.out_channels, self.kernel_size, self.stride, self.padding, self.groups)
-        self.channel_stats, self.affine_act = channel_stats, None
 
     def construct(self, x):
         y = self.low_precision(self.conv, x, self.weight)

@@ -6,9 +6,9 @@ import pytest
 from mindspore import nn, ops, Tensor
 
 from conftest import Forward
+from src import kernels
 from src.kernels import stock_convolution
 from src.layers import ConvBNAct, BN_EPS, BN_MOMENTUM
-from src.quant import fake_quant, observers
 from src.quant.fake_quant import FakeQuantize, quant_range
 from src.quant.layers import QuantConvBNAct
 from src.quant.observers import asymmetric_qparams, MovingAverageMinMaxObserver, PerChannelAbsMaxObserver
@@ -23,8 +23,7 @@ f32 = np.float32
 @pytest.fixture(params=["cpu_kernels", "mindspore_ops"])
 def implementation(request, monkeypatch):
     if request.param == "mindspore_ops":
-        for module in (fake_quant, observers):
-            monkeypatch.setattr(module, "cpu_kernel_library", lambda: None)
+        monkeypatch.setattr(kernels, "cpu_kernel_library", lambda: None)  # where every cell asks for its kernels
     return request.param
 
 
@@ -206,11 +205,11 @@ def test_observer_kernel_moves_the_range_and_gives_qparams_as_the_ops_do():
                                       (9.0, 1.0), (0.0, 1e-3)]]
     for qmin, qmax in [(0, 255), (0, 15)]:
         results = []
-        for kernels in (True, False):
+        for on_kernels in (True, False):
             observer = MovingAverageMinMaxObserver(qmin, qmax, ema_decay=0.75)
-            if not kernels:
+            if not on_kernels:
                 observer.use_mindspore_ops()
-            assert (observer.range_kernel is not None) == kernels
+            assert (observer.range_kernel is not None) == on_kernels
             run = Forward(observer)
             run.set_train(True)
             steps = []

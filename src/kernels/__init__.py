@@ -84,12 +84,28 @@ def cpu_kernel_library():
     return _library_path or None
 
 
+class UsesKernels:
+    """A cell that computes some things with our CPU kernels where this machine has them and with MindSpore ops
+    otherwise. Each such choice is made by `use_kernel`, the only place that asks for the library, and
+    `use_mindspore_ops` undoes every one of them."""
+
+    def use_kernel(self, name, make, fallback=None, available=True):
+        """Set attribute `name` to make(library) when our kernels are compiled here (and `available`), else to
+        `fallback`, the MindSpore-ops form (None: the cell computes it with ops in its construct)."""
+        library = cpu_kernel_library() if available else None
+        setattr(self, name, make(library) if library else fallback)
+        self.kernel_fallbacks = dict(getattr(self, "kernel_fallbacks", {}), **{name: fallback})
+
+    def use_mindspore_ops(self):
+        for name, fallback in self.kernel_fallbacks.items():
+            setattr(self, name, fallback)
+
+
 def use_mindspore_ops(network):
-    """Replaces our kernels by MindSpore ops in every cell of `network` that has them (method
-    `use_mindspore_ops`): an exported graph must not depend on this machine's compiled library. Takes effect in
-    graphs compiled afterwards."""
+    """Replaces our kernels by MindSpore ops in every cell of `network` (a cell or a network): an exported graph
+    must not depend on this machine's compiled library. Takes effect in graphs compiled afterwards."""
     for _, cell in network.cells_and_names():
-        if hasattr(cell, "use_mindspore_ops"):
+        if isinstance(cell, UsesKernels):
             cell.use_mindspore_ops()
 
 
@@ -137,15 +153,6 @@ def stock_convolution(out_channels, kernel_size, stride, padding, groups):
     # A tuple kernel size: an int one breaks MindSpore's ONNX export.
     return ops.Conv2D(out_channels, (kernel_size, kernel_size), pad_mode="pad", pad=padding, stride=stride,
                       group=groups)
-
-
-def convolution(out_channels, kernel_size, stride, padding, groups):
-    """The fastest convolution operator for one layer on the current device target, called as op(x, weight)
-    with weight (out, in/groups, k, k)."""
-    library = cpu_kernel_library() if kernel_size > 1 else None
-    if library:
-        return DirectConv2D(library, stride, padding)
-    return stock_convolution(out_channels, kernel_size, stride, padding, groups)
 
 
 def fake_quant_ops(library):

@@ -8,7 +8,7 @@ CPU, GPU and Ascend alike (the fused FakeQuantPerLayer primitives have no CPU ke
 import numpy as np
 from mindspore import nn, ops, Tensor
 
-from src.kernels import activation_bounds, affine_act_fake_quant_op, cpu_kernel_library, fake_quant_ops
+from src.kernels import UsesKernels, activation_bounds, affine_act_fake_quant_op, fake_quant_ops
 
 # The bit widths a quantizer can take: codes of every width fit the deployed model's 8-bit tensors.
 MIN_BITS, MAX_BITS = 2, 8
@@ -40,7 +40,7 @@ def fake_quant_bias(bias, bias_scale, enabled):
     return bias + ops.stop_gradient(rounded - bias) * enabled
 
 
-class FakeQuantize(nn.Cell):
+class FakeQuantize(nn.Cell, UsesKernels):
     """y = (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale where enabled, else y = x.
 
     `scale` and `zero_point` broadcast against x (a scalar per tensor, or a per-channel shape); `enabled` is a
@@ -59,14 +59,10 @@ class FakeQuantize(nn.Cell):
         super().__init__()
         self.qmin = float(qmin)
         self.qmax = float(qmax)
-        library = cpu_kernel_library() if channel_axis in (None, 0) else None
-        self.kernels = fake_quant_ops(library) if library else None
-        self.affine_act_kernel = affine_act_fake_quant_op(library) if library and channel_axis is None else None
+        self.use_kernel("kernels", fake_quant_ops, available=channel_axis in (None, 0))
+        self.use_kernel("affine_act_kernel", affine_act_fake_quant_op, available=channel_axis is None)
         self.qrange = Tensor(np.array([qmin, qmax], np.float32))
         self.relu6_range, self.no_act_range = Tensor(activation_bounds(True)), Tensor(activation_bounds(False))
-
-    def use_mindspore_ops(self):
-        self.kernels = self.affine_act_kernel = None
 
     # The switch `enabled` is arithmetic, not a branch: ~110 tensor-valued branches with their gradients made
     # the QAT training graph compile about twice as slowly (measured, 197 s against 107 s at width 0.25). With e

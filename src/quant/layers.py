@@ -12,7 +12,7 @@ from dataclasses import replace
 from mindspore import nn, ops
 from mindspore.communication import get_group_size
 
-from src.kernels import cpu_kernel_library, qlinear_add_op, requantize_op
+from src.kernels import UsesKernels, qlinear_add_op, requantize_op
 from src.layers import ConvBNAct, Dense, Add, BN_MOMENTUM, values_per_channel
 from src.quant import integer
 from src.quant.bits_plan import BitsPlanError
@@ -29,7 +29,7 @@ class _Deployed:
     deployment_target = DEFAULT_TARGET
 
 
-class _IntegerLayer(_Deployed):
+class _IntegerLayer(_Deployed, UsesKernels):
     """What a quantized convolution or dense layer deploys as: int8 weight codes, int32 bias, requantization."""
     # The quantizer of this layer's input, in a tuple: a reference, not a sub-cell (its Parameters keep their names);
     # set from the network's dataflow (src/quant/dataflow.py).
@@ -41,16 +41,12 @@ class _IntegerLayer(_Deployed):
         self.weight_quant = weight_quantizer(config, self.weight.shape, channel_axis=0)
         # Wide layers whose products could leave float32's exact integers are computed digit by digit.
         self.weight_digits = integer.needs_weight_digits(fan_in, self.weight_quant.qmax)
-        library = cpu_kernel_library()
-        self.requantize_kernel = requantize_op(library) if library and not self.weight_digits else None
+        self.use_kernel("requantize_kernel", requantize_op, available=not self.weight_digits)
 
     def set_weight_bits(self, bits):
         """Quantize this layer's weights at `bits` instead of the config's weight_bits (a new, unobserved
         weight quantizer: call before training or loading)."""
         self._init_weight_quant(replace(self.quant_config, weight_bits=bits), self.fan_in)
-
-    def use_mindspore_ops(self):
-        self.requantize_kernel = None
 
     def input_scale(self):
         """The scale of this layer's input: its input quantizer's."""
@@ -106,10 +102,6 @@ class QuantConvBNAct(ConvBNAct, _IntegerLayer):
         """The folded weight and bias that inference uses (running statistics), before weight quantization."""
         scale, bias = self.running_affine()
         return self.weight * scale.reshape(-1, 1, 1, 1), bias
-
-    def use_mindspore_ops(self):
-        ConvBNAct.use_mindspore_ops(self)
-        _IntegerLayer.use_mindspore_ops(self)
 
     def float_weights(self):
         """The weight and bias that inference quantizes: the BN-folded ones."""
@@ -169,17 +161,13 @@ class QuantDense(Dense, _IntegerLayer):
         return target.dense(self, x)
 
 
-class QuantAdd(Add, _Deployed):
+class QuantAdd(Add, _Deployed, UsesKernels):
     """Residual add whose sum is quantized, as an integer add requantizes its output."""
 
     def __init__(self, *, config):
         super().__init__()
         self.output_quant = activation_quantizer(config)
-        library = cpu_kernel_library()
-        self.add_kernel = qlinear_add_op(library) if library else None
-
-    def use_mindspore_ops(self):
-        self.add_kernel = None
+        self.use_kernel("add_kernel", qlinear_add_op)
 
     def construct(self, x, y):
         if not self.training and self.integer_inference:

@@ -7,7 +7,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from src.kernels import cpu_kernel_library, min_max_op, observe_range_op
+from src.kernels import UsesKernels, min_max_op, observe_range_op
 
 # The smallest scale allowed: a constant (e.g. all-zero) tensor must not divide by zero.
 SCALE_EPS = float(np.finfo(np.float32).eps)
@@ -48,7 +48,7 @@ class Observer(nn.Cell):
         self.enabled = switch_parameter("enabled", 1.0)
 
 
-class MovingAverageMinMaxObserver(Observer):
+class MovingAverageMinMaxObserver(Observer, UsesKernels):
     """Per-tensor asymmetric range for activations: min/max with an exponential moving average.
 
     The range is the plain mean of the batches' min/max over the first batches it sees, then an exponential
@@ -65,15 +65,11 @@ class MovingAverageMinMaxObserver(Observer):
         self.max_val = Parameter(Tensor(0.0, ms.float32), name="max_val", requires_grad=False)
         self.batches_seen = Parameter(Tensor(0.0, ms.float32), name="batches_seen", requires_grad=False)
         self.all_gather = ops.AllGather(group=sync_group) if sync_group else None
-        library = cpu_kernel_library()
         # One pass instead of two reductions; one operator instead of about forty small ones in the update (the
         # QAT graph's thousands of small nodes cost compile time and step time, measured).
-        self.min_max = min_max_op(library) if library else None
-        self.range_kernel = observe_range_op(library) if library else None
+        self.use_kernel("min_max", min_max_op)
+        self.use_kernel("range_kernel", observe_range_op)
         self.range_settings = Tensor(np.array([ema_decay, qmin, qmax], np.float32))
-
-    def use_mindspore_ops(self):
-        self.min_max = self.range_kernel = None
 
     def construct(self, x):
         """(scale, zero_point) of the range, moved first by x's [min, max] in training."""
