@@ -26,7 +26,7 @@ from mindspore import ops, Tensor
 
 from src.quant import integer
 from src.quant.dataflow import trace
-from src.targets.target import DeploymentTarget
+from src.targets.target import DeploymentTarget, to_numpy
 from src.targets.litert_run import TfliteRunner, fully_delegated
 from src.targets.onnx_runtime import OnnxRuntimeArithmetic
 
@@ -81,10 +81,6 @@ def _litert():
         raise ImportError(f"TFLITE export and .tflite evaluation need LiteRT: pip install ai-edge-litert "
                           f"({error})") from None
     return schema, flatbuffers
-
-
-def _numpy(tensor):
-    return tensor.asnumpy() if hasattr(tensor, "asnumpy") else np.asarray(tensor)
 
 
 class _Value:
@@ -166,11 +162,21 @@ class TfliteWriter:
         if (quantizer.qmin, quantizer.qmax) != (0, integer.ACTIVATION_CODES):
             raise ValueError(f"TFLITE export writes 8-bit activations; {name} is quantized to codes "
                              f"[{quantizer.qmin}, {quantizer.qmax}], a clamp LiteRT's int8 kernels cannot express")
-        scale, zero_point = (_numpy(t) for t in quantizer.qparams())
+        scale, zero_point = (to_numpy(t) for t in quantizer.qparams())
         zero_point = np.int64(zero_point) - INT8_OFFSET
         index = self.model.tensor(name, shape, self.schema.TensorType.INT8, scale=np.float32(scale),
-                             zero_point=zero_point)
+                                  zero_point=zero_point)
         return _Value(index, shape, np.float32(scale), int(zero_point) + INT8_OFFSET)
+
+    def _weights(self, name, codes, axis, weight_scale, bias, input_scale):
+        """A layer's constant tensors: int8 weight codes per output channel (along `axis`), int32 bias codes at
+        input_scale * weight_scale."""
+        zeros = np.zeros(len(weight_scale), np.int64)
+        int8, int32 = self.schema.TensorType.INT8, self.schema.TensorType.INT32
+        w = self.model.tensor(f"{name}.weight", codes.shape, int8, codes.astype(np.int8), weight_scale, zeros, axis)
+        b = self.model.tensor(f"{name}.bias", bias.shape, int32, bias.astype(np.int32),
+                              (input_scale * weight_scale).astype(np.float32), zeros)
+        return w, b
 
     def quantize(self, layer, x):
         name = self.names[id(layer)]
@@ -181,7 +187,7 @@ class TfliteWriter:
     def conv(self, layer, x):
         schema = self.schema
         name = self.names[id(layer)]
-        codes, weight_scale, bias = (_numpy(t) for t in layer.deployed_weights(Tensor(x.scale)))
+        codes, weight_scale, bias = (to_numpy(t) for t in layer.deployed_weights(Tensor(x.scale)))
         out_channels, _, kernel, _ = codes.shape
         x = self._pad(x, layer, name)
         batch, height, width, in_channels = x.shape
@@ -194,10 +200,7 @@ class TfliteWriter:
         # OHWI for a convolution, 1HWO for a depthwise one: the output channel's axis is the quantized one.
         weights = codes.transpose(1, 2, 3, 0) if depthwise else codes.transpose(0, 2, 3, 1)
         axis = 3 if depthwise else 0
-        w = self.model.tensor(f"{name}.weight", weights.shape, schema.TensorType.INT8, weights.astype(np.int8),
-                         weight_scale, np.zeros(out_channels, np.int64), axis)
-        b = self.model.tensor(f"{name}.bias", bias.shape, schema.TensorType.INT32, bias.astype(np.int32),
-                         (x.scale * weight_scale).astype(np.float32), np.zeros(out_channels, np.int64))
+        w, b = self._weights(name, weights, axis, weight_scale, bias, x.scale)
         if depthwise:
             options = schema.DepthwiseConv2DOptionsT()
             options.depthMultiplier = 1
@@ -222,28 +225,25 @@ class TfliteWriter:
         batch, height, width, channels = x.shape
         shape = (batch, height + 2 * pad, width + 2 * pad, channels)
         paddings = self.model.tensor(f"{name}.paddings", (4, 2), schema.TensorType.INT32,
-                                np.array([[0, 0], [pad, pad], [pad, pad], [0, 0]], np.int32))
+                                     np.array([[0, 0], [pad, pad], [pad, pad], [0, 0]], np.int32))
         y = self.model.tensor(f"{name}.padded", shape, schema.TensorType.INT8, scale=x.scale,
-                         zero_point=x.zero_point - INT8_OFFSET)
+                              zero_point=x.zero_point - INT8_OFFSET)
         self.model.op(schema.BuiltinOperator.PAD, [x.index, paddings], [y], schema.BuiltinOptions.PadOptions,
-                 schema.PadOptionsT(), version=2)
+                      schema.PadOptionsT(), version=2)
         return _Value(y, shape, x.scale, x.zero_point)
 
     def dense(self, layer, x):
         schema = self.schema
         name = self.names[id(layer)]
-        codes, weight_scale, bias = (_numpy(t) for t in layer.deployed_weights(Tensor(x.scale)))
+        codes, weight_scale, bias = (to_numpy(t) for t in layer.deployed_weights(Tensor(x.scale)))
         out_channels = codes.shape[0]
         shape = (x.shape[0], out_channels)
         y = self._activation(f"{name}.output", shape, layer.output_quant)
-        w = self.model.tensor(f"{name}.weight", codes.shape, schema.TensorType.INT8, codes.astype(np.int8),
-                         weight_scale, np.zeros(out_channels, np.int64), 0)
-        b = self.model.tensor(f"{name}.bias", bias.shape, schema.TensorType.INT32, bias.astype(np.int32),
-                         (x.scale * weight_scale).astype(np.float32), np.zeros(out_channels, np.int64))
+        w, b = self._weights(name, codes, 0, weight_scale, bias, x.scale)
         options = schema.FullyConnectedOptionsT()
         options.fusedActivationFunction = schema.ActivationFunctionType.NONE
         self.model.op(schema.BuiltinOperator.FULLY_CONNECTED, [x.index, w, b], [y.index],
-                 schema.BuiltinOptions.FullyConnectedOptions, options, version=5)
+                      schema.BuiltinOptions.FullyConnectedOptions, options, version=5)
         logits = self.model.tensor("logits", shape, schema.TensorType.FLOAT32)
         self.model.op(schema.BuiltinOperator.DEQUANTIZE, [y.index], [logits], version=2)
         return _Value(logits, shape)
@@ -254,7 +254,7 @@ class TfliteWriter:
         options = schema.AddOptionsT()
         options.fusedActivationFunction = schema.ActivationFunctionType.NONE
         self.model.op(schema.BuiltinOperator.ADD, [a.index, b.index], [y.index], schema.BuiltinOptions.AddOptions,
-                 options, version=2)
+                      options, version=2)
         return y
 
     def global_average_pool(self, layer, x):
@@ -265,7 +265,7 @@ class TfliteWriter:
         options = schema.ReducerOptionsT()
         options.keepDims = False
         self.model.op(schema.BuiltinOperator.MEAN, [x.index, axes], [y.index], schema.BuiltinOptions.ReducerOptions,
-                 options, version=2)
+                      options, version=2)
         return y
 
 

@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper, TensorProto
 from src.evaluation import onnx_predictor
 from src.quant import integer
 from src.quant.dataflow import trace
-from src.targets.target import DeploymentTarget
+from src.targets.target import DeploymentTarget, to_numpy
 
 OPSET = 13
 
@@ -115,16 +115,12 @@ class _Activation:
         self.name, self.scale, self.zero_point, self.channels = name, scale, zero_point, channels
 
 
-def _numpy(tensor):
-    return tensor.asnumpy() if hasattr(tensor, "asnumpy") else np.asarray(tensor)
-
-
 def _quantize_activation(graph, x, quantizer, hint, relu6=False):
     """QuantizeLinear, an integer Clip of the uint8 codes where the quantizer's code bounds are narrower than
     [0, 255] (fewer bits; ReLU6 below the range's top: `relu6`), then DequantizeLinear."""
     qparams = quantizer.qparams()
-    lowest, highest = (np.uint8(_numpy(bound)) for bound in quantizer.code_bounds(*qparams, relu6))
-    scale, zero_point = np.float32(_numpy(qparams[0])), np.uint8(_numpy(qparams[1]))
+    lowest, highest = (np.uint8(to_numpy(bound)) for bound in quantizer.code_bounds(*qparams, relu6))
+    scale, zero_point = np.float32(to_numpy(qparams[0])), np.uint8(to_numpy(qparams[1]))
     scale_name, zp_name = graph.const(f"{hint}_scale", scale), graph.const(f"{hint}_zero_point", zero_point)
     q = graph.op("QuantizeLinear", [x, scale_name, zp_name], f"{hint}_q")
     if (lowest, highest) != (0, 255):
@@ -136,7 +132,7 @@ def _quantize_activation(graph, x, quantizer, hint, relu6=False):
 def _conv(graph, x, layer, hint, activation=False, stride=1, padding=0, groups=1):
     """The layer's deployed constants (its `deployed_weights`, what integer inference computes with) written as
     DequantizeLinear -> Conv (-> ReLU6) -> QuantizeLinear -> DequantizeLinear."""
-    q_weight, w_scale, q_bias = (_numpy(t) for t in layer.deployed_weights(Tensor(x.scale)))
+    q_weight, w_scale, q_bias = (to_numpy(t) for t in layer.deployed_weights(Tensor(x.scale)))
     q_weight = q_weight.astype(np.int8)
     if q_weight.ndim == 2:  # the classifier, as a 1x1 convolution
         q_weight = q_weight.reshape(q_weight.shape + (1, 1))

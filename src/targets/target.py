@@ -2,6 +2,8 @@
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class DeploymentTarget:
@@ -15,3 +17,8 @@ class DeploymentTarget:
     arithmetic: type
     export: Callable   # (quantized network, path, (channels, height, width)): writes its file
     predictor: Callable  # path -> images -> logits, in the runtime itself
+
+
+def to_numpy(value):
+    """A MindSpore tensor or an array-like as a NumPy array: what the writers store."""
+    return value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
