@@ -318,6 +318,11 @@ def test_4bit_network_gives_onnx_runtime_logits(learned_float, learning_data, tm
                              "--calibration_batches", "4", "--save_checkpoint_path", str(tmp_path / "ptq")])
     onnx_model = export_script.main(["--ckpt_file", ptq, "--file_format", "ONNX", *bits,
                                      "--file_name", str(tmp_path / "w4a4")])
+    # LiteRT's int8 kernels clamp to int8 and ReLU6 only: 4-bit activations are refused, naming the layer
+    with pytest.raises(SystemExit, match="TFLITE export writes 8-bit activations; .* is quantized to codes "
+                                         "\\[0, 15\\]"):
+        export_script.main(["--ckpt_file", ptq, "--file_format", "TFLITE", *bits, "--file_name", str(tmp_path / "t")])
+    assert not (tmp_path / "t.tflite").exists()
     parity = evaluate_learned(ptq, val_path, "--parity_with", onnx_model)
     assert parity["acc_a"] > 0.5  # logits that differ from image to image
     assert parity["top1_agreement"] == 1 and parity["max_logit_diff_steps"] == 0

@@ -151,3 +151,11 @@ def test_an_operator_left_to_the_builtin_kernels_is_seen():
     interpreter = Interpreter(model_content=model.to_bytes([x], [y]))
     interpreter.allocate_tensors()
     assert not fully_delegated(interpreter)
+
+
+@pytest.mark.quick
+def test_without_litert_the_message_names_the_package(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    with pytest.raises(ImportError, match="need LiteRT: pip install ai-edge-litert"):
+        TfliteModel()
